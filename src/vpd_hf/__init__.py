@@ -1,0 +1,75 @@
+"""vpd_hf: VPD (Visual Perception with a pre-trained Diffusion model, ICCV 2023) on Hugging Face transformers and
+diffusers.
+
+Importing the package registers VPD with transformers' Auto classes, so that `AutoModelForDepthEstimation`,
+`AutoImageProcessor` and `pipeline("depth-estimation", model=...)` load VPD checkpoints without `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import logging as _logging
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForDepthEstimation
+from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING
+
+from .configuration_vpd import SD15_UNET_CONFIG, SD15_VAE_CONFIG, VPDConfig
+from .image_processing_vpd import VPDImageProcessor
+from .metrics import DepthMetric, DepthMetricAccumulator, compute_depth_metrics
+from .modeling_vpd import (
+    VPDBackboneOutput,
+    VPDDepthEstimatorOutput,
+    VPDModel,
+    VPDModelForDepthEstimation,
+    VPDPreTrainedModel,
+)
+from .prompts import CLIP_IMAGENET_TEMPLATES, NYU_SCENE_NAMES, encode_prompts
+from .visualization import colorize_depth, depth_to_uint16_png
+
+__version__ = "0.1.0.dev0"
+
+AutoConfig.register(VPDConfig.model_type, VPDConfig, exist_ok=True)
+AutoModel.register(VPDConfig, VPDModel, exist_ok=True)
+AutoModelForDepthEstimation.register(VPDConfig, VPDModelForDepthEstimation, exist_ok=True)
+AutoImageProcessor.register(VPDConfig, image_processor_classes={"pil": VPDImageProcessor}, exist_ok=True)
+# VPD has no video processor. Declaring that (an empty mapping) matters: transformers' pipelines probe for one, derive
+# a remote-code reference from the image processor's `auto_map`, and without a local entry ask the user whether to
+# trust remote code that does not exist. (`AutoVideoProcessor.register` itself needs torchvision, hence the mapping.)
+VIDEO_PROCESSOR_MAPPING.register(VPDConfig, {}, exist_ok=True)
+
+# Saved checkpoints also carry `auto_map` and the code, for users who load them with `trust_remote_code=True`.
+VPDConfig.register_for_auto_class()
+VPDModel.register_for_auto_class("AutoModel")
+VPDModelForDepthEstimation.register_for_auto_class("AutoModelForDepthEstimation")
+VPDImageProcessor.register_for_auto_class()
+
+
+class _RegisteredVPDModelFilter(_logging.Filter):
+    """transformers' built-in pipelines check the model class against their static name tables only and log an
+    ERROR ("not supported") for classes registered at run time, although they then work; drop that one message."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("The model 'VPDModel") and "is not supported for" in message)
+
+
+_logging.getLogger("transformers.pipelines.base").addFilter(_RegisteredVPDModelFilter())
+
+__all__ = [
+    "CLIP_IMAGENET_TEMPLATES",
+    "NYU_SCENE_NAMES",
+    "SD15_UNET_CONFIG",
+    "SD15_VAE_CONFIG",
+    "DepthMetric",
+    "DepthMetricAccumulator",
+    "VPDBackboneOutput",
+    "VPDConfig",
+    "VPDDepthEstimatorOutput",
+    "VPDImageProcessor",
+    "VPDModel",
+    "VPDModelForDepthEstimation",
+    "VPDPreTrainedModel",
+    "colorize_depth",
+    "compute_depth_metrics",
+    "depth_to_uint16_png",
+    "encode_prompts",
+]

@@ -1,0 +1,160 @@
+"""Capture of UNet intermediate features and cross-attention probabilities during one VPD forward pass.
+
+VPD reads four feature maps from inside the UNet's up blocks and, for segmentation and referring segmentation, the
+cross-attention probabilities of the text tokens. Both are collected into a per-call record:
+
+* the features by forward hooks on the tapped modules;
+* the attention maps by :class:`CrossAttentionMapProcessor`, installed only on the `attn2` layers whose maps are
+  used; every other attention layer keeps its default (SDPA) processor.
+
+Nothing is stored outside :meth:`ForwardRecorder.record`, so calls made outside a VPD forward (for instance the
+recomputation of a gradient-checkpointed block during backward) leave no trace. Records are kept per thread and as a
+stack, so concurrent threads and nested forwards do not mix their tensors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import Attention
+
+
+class ForwardRecorder:
+    """Collects named tensors produced while :meth:`record` is active (per thread, re-entrant)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def _stack(self) -> list[dict[str, list[torch.Tensor]]]:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    @contextmanager
+    def record(self) -> Iterator[dict[str, list[torch.Tensor]]]:
+        entries: dict[str, list[torch.Tensor]] = defaultdict(list)
+        stack = self._stack()
+        stack.append(entries)
+        try:
+            yield entries
+        finally:
+            stack.pop()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._stack())
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        stack = self._stack()
+        if stack:
+            stack[-1][key].append(tensor)
+
+    def hook(self, key: str) -> RecordOutputHook:
+        """A forward hook that records the module's output under `key`."""
+        return RecordOutputHook(self, key)
+
+    # threading.local cannot be pickled or deep-copied; a copy starts with no active record.
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._local = threading.local()
+
+
+class RecordOutputHook:
+    """Forward hook storing a module's output in a :class:`ForwardRecorder` (an object, not a closure, so that a
+    deep copy of the model gets hooks bound to the copy's recorder)."""
+
+    def __init__(self, recorder: ForwardRecorder, key: str) -> None:
+        self.recorder = recorder
+        self.key = key
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.recorder.put(self.key, output[0] if isinstance(output, tuple) else output)
+
+
+class CrossAttentionMapProcessor:
+    r"""
+    Attention processor for a UNet cross-attention (`attn2`) layer that also records its attention probabilities.
+
+    It computes `P = softmax(Q K^T / sqrt(d))` explicitly (the probabilities are needed), returns the usual output
+    `P V`, and while a recording is active stores `mean_heads(P)` of shape `(batch, height * width, tokens)` under
+    `key`. It only supports the plain cross-attention of Stable Diffusion UNets (no group/spatial norm, no residual),
+    which :func:`install_cross_attention_capture` checks.
+    """
+
+    def __init__(self, recorder: ForwardRecorder, key: str, detach: bool = True) -> None:
+        self.recorder = recorder
+        self.key = key
+        self.detach = detach
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is None:
+            raise ValueError(f"{type(self).__name__} is for cross-attention layers; it got no encoder_hidden_states.")
+        batch_size, tokens, _ = encoder_hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch_size)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        if self.recorder.active:
+            mean_probs = probs.unflatten(0, (batch_size, attn.heads)).mean(dim=1)
+            self.recorder.put(self.key, mean_probs.detach() if self.detach else mean_probs)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+def cross_attention_layers(unet: torch.nn.Module, level: int) -> list[tuple[str, Attention]]:
+    """The `attn2` modules of the UNet's down and up blocks at `level` (0 = the 1/8 latent, 2 = 1/32 of the latent)."""
+    blocks = {f"down_blocks.{level}": unet.down_blocks[level], f"up_blocks.{3 - level}": unet.up_blocks[3 - level]}
+    layers = []
+    for prefix, block in blocks.items():
+        for name, module in block.named_modules():
+            if isinstance(module, Attention) and name.endswith("attn2"):
+                layers.append((f"{prefix}.{name}", module))
+    return layers
+
+
+def install_cross_attention_capture(
+    unet: torch.nn.Module, levels: list[int], recorder: ForwardRecorder, detach: bool
+) -> dict[int, int]:
+    """Install :class:`CrossAttentionMapProcessor` on the `attn2` layers of `levels`; return layers per level."""
+    counts = {}
+    for level in levels:
+        layers = cross_attention_layers(unet, level)
+        for name, module in layers:
+            unsupported = module.group_norm, module.spatial_norm, module.norm_cross
+            if any(part is not None for part in unsupported) or module.residual_connection:
+                raise ValueError(f"Cannot capture attention maps of `{name}`: unsupported attention variant.")
+            module.set_processor(CrossAttentionMapProcessor(recorder, attention_key(level), detach=detach))
+        counts[level] = len(layers)
+    return counts
+
+
+def attention_key(level: int) -> str:
+    return f"attention_maps.level{level}"
+
+
+__all__ = [
+    "CrossAttentionMapProcessor",
+    "ForwardRecorder",
+    "RecordOutputHook",
+    "attention_key",
+    "cross_attention_layers",
+    "install_cross_attention_capture",
+]

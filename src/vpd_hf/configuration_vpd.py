@@ -1,0 +1,293 @@
+"""VPD model configuration."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+# Stable Diffusion 1.5 component configs (the non-default entries of `unet/config.json` and `vae/config.json` of
+# `stable-diffusion-v1-5/stable-diffusion-v1-5`); every other argument takes the diffusers default.
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+
+SD15_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+# The UNet levels whose cross-attention maps VPD can use, named by their map size for a 512x512 input
+# (latent strides 1, 2 and 4, i.e. image strides 8, 16 and 32). The 8x8 mid block is never used.
+ATTENTION_RESOLUTIONS = (64, 32, 16)
+LATENT_SCALING_OPTIONS = ("scaling_factor",)
+_DEPTH_GROUP_NORM_GROUPS = 16
+_DECONV_KERNELS = (2, 3, 4)
+
+
+def _clean_component_config(config: dict[str, Any] | None, default: dict[str, Any], name: str) -> dict[str, Any]:
+    if config is None:
+        return dict(default)
+    if not isinstance(config, dict):
+        raise TypeError(f"`{name}` must be a dict of diffusers constructor arguments, got {type(config).__name__}.")
+    # diffusers' config.json files carry bookkeeping entries (`_class_name`, `_diffusers_version`, ...).
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
+def _as_int_list(value: Any, name: str) -> list[int]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"`{name}` must be a list of integers, got {value!r}.")
+    items = list(value)
+    if not all(isinstance(item, int) and not isinstance(item, bool) for item in items):
+        raise TypeError(f"`{name}` must be a list of integers, got {value!r}.")
+    return items
+
+
+class VPDConfig(PreTrainedConfig):
+    r"""
+    Configuration of a VPD model: a Stable Diffusion UNet used as a perception backbone (one UNet pass at a fixed
+    timestep on the VAE latent of the image, conditioned on text) followed by a task head.
+
+    Everything needed to build the model is held here, so that `VPDModel*.from_config` / `from_pretrained` never
+    download a diffusion checkpoint: the diffusers `unet_config` and `vae_config` describe the UNet and the VAE encoder;
+    the prompt table (class or scene embeddings) is a buffer of the model whose shape is given by `num_prompts` x
+    `prompt_embed_dim`. Defaults reproduce the official VPD depth model on Stable Diffusion 1.5.
+
+    Args:
+        unet_config (`dict`, *optional*):
+            Constructor arguments of a diffusers `UNet2DConditionModel` with the Stable Diffusion block layout (three
+            cross-attention down blocks and a plain one, a plain up block and three cross-attention up blocks, two
+            layers per down block). Defaults to Stable Diffusion 1.5.
+        vae_config (`dict`, *optional*):
+            Constructor arguments of a diffusers `AutoencoderKL`; only its encoder and `quant_conv` are built.
+            Defaults to the Stable Diffusion 1.5 VAE.
+        prompt_embed_dim (`int`, *optional*):
+            Width of the text embeddings; must equal the UNet's `cross_attention_dim` (the default).
+        num_prompts (`int`, *optional*, defaults to 27):
+            Rows of the prompt-embedding table (27 NYUv2 scene types for depth, one per class for segmentation,
+            0 when the text comes from a text encoder at run time).
+        prompt_names (`list[str]`, *optional*):
+            The name behind each row of the prompt table (e.g. the scene names that `scene_ids` index).
+        prompt_templates (`list[str]`, *optional*):
+            The templates the prompt embeddings were averaged over, kept for provenance.
+        timestep (`int`, *optional*, defaults to 1):
+            The diffusion timestep of the single UNet pass (the official code uses 1; the paper says 0).
+        latent_scaling (`str` or `float`, *optional*):
+            How the VAE latent is scaled before the UNet. `None` (default, as the official VPD code): unscaled
+            posterior mode. `"scaling_factor"`: multiplied by the VAE's `scaling_factor` (0.18215 for SD 1.x), as
+            Stable Diffusion itself does. A positive number `s`: divided by `s` (EVP uses the dataset latent std,
+            5.07543 on NYUv2).
+        attention_resolutions (`list[int]`, *optional*, defaults to `[]`):
+            Cross-attention maps to concatenate to the UNet features, named by their size for a 512x512 input: any of
+            64, 32, 16 (image strides 8, 16, 32). Each map is the softmax over the text tokens, averaged over heads and
+            over the two down and three up cross-attention layers of that level. Empty for depth (official), `[16, 32]`
+            for segmentation and referring segmentation.
+        detach_attention_maps (`bool`, *optional*, defaults to `True`):
+            Stop gradients through the attention-map channels, as the official code does implicitly (its attention
+            blocks run under a `no_grad` checkpoint). Set to `False` to let them train the UNet and the adapter.
+        text_adapter_gamma_init (`float`, *optional*, defaults to 1e-4):
+            Initial value of the TextAdapter's per-channel blend `gamma` in `c + gamma * MLP(c)`.
+        max_depth (`float`, *optional*, defaults to 10.0):
+            Depth head output range: `sigmoid(x) * max_depth`, in metres.
+        depth_neck_channels (`int`, *optional*, defaults to 1536):
+            Channels of the depth neck (the 1x1 conv on the concatenated UNet features).
+        depth_head_channels (`int`, *optional*, defaults to 192):
+            Channels of the depth decoder's last convolutions.
+        depth_deconv_filters (`list[int]`, *optional*, defaults to `[32, 32, 32]`):
+            Output channels of the depth decoder's transposed convolutions (each upsamples by 2).
+        depth_deconv_kernels (`list[int]`, *optional*, defaults to `[2, 2, 2]`):
+            Kernel sizes of those transposed convolutions (2, 3 or 4).
+        silog_lambda (`float`, *optional*, defaults to 0.5):
+            Variance weight of the scale-invariant log loss.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated normal used for the depth neck.
+    """
+
+    model_type = "vpd"
+
+    unet_config: dict | None = None
+    vae_config: dict | None = None
+    prompt_embed_dim: int | None = None
+    num_prompts: int = 27
+    prompt_names: list[str] | None = None
+    prompt_templates: list[str] | None = None
+    timestep: int = 1
+    latent_scaling: str | float | int | None = None
+    attention_resolutions: list[int] | tuple[int, ...] = ()
+    detach_attention_maps: bool = True
+    text_adapter_gamma_init: float | int = 1e-4
+    max_depth: float | int = 10.0
+    depth_neck_channels: int = 1536
+    depth_head_channels: int = 192
+    depth_deconv_filters: list[int] | tuple[int, ...] = (32, 32, 32)
+    depth_deconv_kernels: list[int] | tuple[int, ...] = (2, 2, 2)
+    silog_lambda: float | int = 0.5
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        self.unet_config = _clean_component_config(self.unet_config, SD15_UNET_CONFIG, "unet_config")
+        self.vae_config = _clean_component_config(self.vae_config, SD15_VAE_CONFIG, "vae_config")
+        self._validate_components()
+        cross_attention_dim = self.unet_config.get("cross_attention_dim", 1280)
+        if self.prompt_embed_dim is None:
+            self.prompt_embed_dim = cross_attention_dim
+        self._validate_prompts(cross_attention_dim)
+        self._validate_backbone()
+        self._validate_depth_head()
+        super().__post_init__(**kwargs)
+
+    # -- validation -----------------------------------------------------------------------------------------------
+
+    def _validate_components(self) -> None:
+        unet, vae = self.unet_config, self.vae_config
+        down = list(unet.get("down_block_types", ()))
+        up = list(unet.get("up_block_types", ()))
+        if down != ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"] or up != ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3:
+            raise ValueError(
+                "`unet_config` must describe a Stable Diffusion style UNet: down_block_types "
+                "['CrossAttnDownBlock2D'] * 3 + ['DownBlock2D'] and up_block_types ['UpBlock2D'] + "
+                f"['CrossAttnUpBlock2D'] * 3; got down={down}, up={up}."
+            )
+        layers = unet.get("layers_per_block", 2)
+        if (layers if isinstance(layers, int) else set(layers)) not in (2, {2}):
+            raise ValueError(
+                f"`unet_config['layers_per_block']` must be 2 (VPD taps the UNet mid-block), got {layers}."
+            )
+        channels = _as_int_list(unet.get("block_out_channels", ()), "unet_config['block_out_channels']")
+        if len(channels) != 4 or min(channels) <= 0:
+            raise ValueError(f"`unet_config['block_out_channels']` must be 4 positive integers, got {channels}.")
+        vae_channels = _as_int_list(vae.get("block_out_channels", (64,)), "vae_config['block_out_channels']")
+        if len(vae_channels) != 4:
+            raise ValueError(
+                "`vae_config['block_out_channels']` must have 4 entries (a VAE that downsamples by 8), "
+                f"got {vae_channels}."
+            )
+        latent_channels = vae.get("latent_channels", 4)
+        if unet.get("in_channels", 4) != latent_channels:
+            raise ValueError(
+                f"`unet_config['in_channels']` ({unet.get('in_channels', 4)}) must equal "
+                f"`vae_config['latent_channels']` ({latent_channels})."
+            )
+
+    def _validate_prompts(self, cross_attention_dim: int) -> None:
+        if not isinstance(self.prompt_embed_dim, int) or self.prompt_embed_dim <= 0:
+            raise ValueError(f"`prompt_embed_dim` must be a positive integer, got {self.prompt_embed_dim!r}.")
+        if self.prompt_embed_dim != cross_attention_dim:
+            raise ValueError(
+                f"`prompt_embed_dim` ({self.prompt_embed_dim}) must equal the UNet's `cross_attention_dim` "
+                f"({cross_attention_dim})."
+            )
+        if not isinstance(self.num_prompts, int) or isinstance(self.num_prompts, bool) or self.num_prompts < 0:
+            raise ValueError(f"`num_prompts` must be a non-negative integer, got {self.num_prompts!r}.")
+        for name in ("prompt_names", "prompt_templates"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, str) or not all(isinstance(item, str) for item in value):
+                raise TypeError(f"`{name}` must be a list of strings, got {value!r}.")
+            setattr(self, name, list(value))
+        if self.prompt_names is not None and len(self.prompt_names) != self.num_prompts:
+            raise ValueError(
+                f"`prompt_names` has {len(self.prompt_names)} entries but `num_prompts` is {self.num_prompts}."
+            )
+
+    def _validate_backbone(self) -> None:
+        if not isinstance(self.timestep, int) or isinstance(self.timestep, bool) or not 0 <= self.timestep < 1000:
+            raise ValueError(f"`timestep` must be an integer in [0, 1000), got {self.timestep!r}.")
+        scaling = self.latent_scaling
+        if isinstance(scaling, bool) or not (
+            scaling is None
+            or scaling in LATENT_SCALING_OPTIONS
+            or (isinstance(scaling, (int, float)) and math.isfinite(scaling) and scaling > 0)
+        ):
+            raise ValueError(
+                f"`latent_scaling` must be None, one of {list(LATENT_SCALING_OPTIONS)} or a positive number, "
+                f"got {scaling!r}."
+            )
+        resolutions = _as_int_list(self.attention_resolutions, "attention_resolutions")
+        unknown = [r for r in resolutions if r not in ATTENTION_RESOLUTIONS]
+        if unknown:
+            raise ValueError(
+                f"`attention_resolutions` contains {unknown}; allowed values are {list(ATTENTION_RESOLUTIONS)} "
+                "(map sizes for a 512x512 input)."
+            )
+        if len(set(resolutions)) != len(resolutions):
+            raise ValueError(f"`attention_resolutions` has duplicates: {resolutions}.")
+        self.attention_resolutions = sorted(resolutions, reverse=True)
+        if not isinstance(self.detach_attention_maps, bool):
+            raise TypeError(f"`detach_attention_maps` must be a bool, got {self.detach_attention_maps!r}.")
+        gamma = self.text_adapter_gamma_init
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
+            raise ValueError(f"`text_adapter_gamma_init` must be a finite number, got {gamma!r}.")
+
+    def _validate_depth_head(self) -> None:
+        if isinstance(self.max_depth, bool) or not isinstance(self.max_depth, (int, float)) or not self.max_depth > 0:
+            raise ValueError(f"`max_depth` must be a positive number of metres, got {self.max_depth!r}.")
+        for name in ("depth_neck_channels", "depth_head_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.depth_neck_channels % _DEPTH_GROUP_NORM_GROUPS:
+            raise ValueError(
+                f"`depth_neck_channels` ({self.depth_neck_channels}) must be divisible by "
+                f"{_DEPTH_GROUP_NORM_GROUPS} (its GroupNorm has {_DEPTH_GROUP_NORM_GROUPS} groups)."
+            )
+        filters = _as_int_list(self.depth_deconv_filters, "depth_deconv_filters")
+        kernels = _as_int_list(self.depth_deconv_kernels, "depth_deconv_kernels")
+        if not filters or len(filters) != len(kernels) or min(filters) <= 0:
+            raise ValueError(
+                "`depth_deconv_filters` and `depth_deconv_kernels` must be non-empty lists of the same length with "
+                f"positive filters, got {filters} and {kernels}."
+            )
+        if len(filters) > 5:
+            raise ValueError(
+                "`depth_deconv_filters` can have at most 5 entries: each deconvolution upsamples the 1/32 neck output "
+                f"by 2; got {len(filters)}."
+            )
+        if any(k not in _DECONV_KERNELS for k in kernels):
+            raise ValueError(f"`depth_deconv_kernels` entries must be in {list(_DECONV_KERNELS)}, got {kernels}.")
+        self.depth_deconv_filters, self.depth_deconv_kernels = filters, kernels
+        lam = self.silog_lambda
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 1:
+            raise ValueError(f"`silog_lambda` must be a number in [0, 1], got {lam!r}.")
+
+    # -- derived quantities ---------------------------------------------------------------------------------------
+
+    @property
+    def unet_channels(self) -> list[int]:
+        """UNet feature channels at the four taps, high resolution first (320, 640, 1280, 1280 for SD 1.5)."""
+        return list(self.unet_config["block_out_channels"])
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae_config.get("latent_channels", 4))
+
+    @property
+    def vae_downsample_factor(self) -> int:
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @property
+    def pad_multiple(self) -> int:
+        """Image sizes are padded to this multiple so that every UNet level has an integer size (64 for SD)."""
+        return self.vae_downsample_factor * 2 ** (len(self.unet_config["block_out_channels"]) - 1)
+
+
+__all__ = ["SD15_UNET_CONFIG", "SD15_VAE_CONFIG", "VPDConfig"]

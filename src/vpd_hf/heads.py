@@ -1,0 +1,160 @@
+"""Task heads on VPD's UNet features. Plain `nn.Module`s that take the list of four feature maps (high resolution first,
+image strides 8, 16, 32, 64); they know nothing about the UNet or the text.
+
+Each layer whose initialisation VPD prescribes carries an `vpd_init` tag, read by `VPDPreTrainedModel._init_weights`:
+the model initialises exactly the layers VPD owns and never touches the diffusion weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# (kind, std): "trunc_normal" / "normal" draw the weight and zero the bias, "norm" resets a normalisation layer,
+# "torch_default" re-applies PyTorch's default `nn.Linear` / `nn.Conv2d` initialisation.
+InitSpec = tuple[str, float | None]
+
+
+def tag_init(module: nn.Module, kind: str, std: float | None = None) -> nn.Module:
+    module.vpd_init = (kind, std)
+    return module
+
+
+def _tag_tree(module: nn.Module, conv_spec: InitSpec) -> None:
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            tag_init(layer, *conv_spec)
+        elif isinstance(layer, (nn.GroupNorm, nn.BatchNorm2d)):
+            tag_init(layer, "norm")
+
+
+class VPDDepthNeck(nn.Module):
+    r"""
+    Fuses the four UNet maps at 1/32 of the image (the reference's `VPDDepthEncoder` convolutions): the 1/8 map goes
+    through two stride-2 convs, the 1/16 map through one, the 1/64 map is upsampled x2 (nearest), all are concatenated
+    with the 1/32 map and projected by a 1x1 conv + GroupNorm(16) + ReLU.
+
+    Input: four maps `(B, C_i, H_i, W_i)`; output `(B, out_channels, H / 32, W / 32)` (padded size).
+    """
+
+    def __init__(self, in_channels: list[int], out_channels: int, groups: int = 16, init_std: float = 0.02) -> None:
+        super().__init__()
+        if len(in_channels) != 4:
+            raise ValueError(f"VPDDepthNeck needs 4 input channel counts, got {in_channels}.")
+        c0, c1 = in_channels[0], in_channels[1]
+        if c0 % groups or out_channels % groups:
+            raise ValueError(
+                f"VPDDepthNeck's GroupNorm({groups}) needs channel counts divisible by {groups}; got "
+                f"{c0} (1/8 feature map) and {out_channels} (neck channels)."
+            )
+        self.layer1 = nn.Sequential(
+            nn.Conv2d(c0, c0, 3, stride=2, padding=1),
+            nn.GroupNorm(groups, c0),
+            nn.ReLU(),
+            nn.Conv2d(c0, c0, 3, stride=2, padding=1),
+        )
+        self.layer2 = nn.Sequential(nn.Conv2d(c1, c1, 3, stride=2, padding=1))
+        self.out_layer = nn.Sequential(
+            nn.Conv2d(sum(in_channels), out_channels, 1), nn.GroupNorm(groups, out_channels), nn.ReLU()
+        )
+        _tag_tree(self, ("trunc_normal", init_std))
+
+    def forward(self, features: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        f8, f16, f32, f64 = features
+        fused = torch.cat(
+            [self.layer1(f8), self.layer2(f16), f32, F.interpolate(f64, scale_factor=2.0, mode="nearest")], dim=1
+        )
+        return self.out_layer(fused)
+
+
+class VPDDepthDecoder(nn.Module):
+    r"""
+    Transposed-conv decoder of the reference (Simple Baseline / GLPDepth lineage): `len(filters)` x [ConvTranspose2d
+    stride 2 (no bias) + BatchNorm + ReLU], then conv3x3 + BatchNorm + ReLU to `out_channels`, then bilinear x2
+    upsamplings back to the image resolution (two for the default three deconvolutions).
+
+    Input `(B, in_channels, h, w)` at 1/32 of the image; output `(B, out_channels, 32 h, 32 w)`.
+    """
+
+    _DECONV_PADDING = {2: (0, 0), 3: (1, 1), 4: (1, 0)}  # kernel -> (padding, output_padding), each exactly x2
+
+    def __init__(
+        self, in_channels: int, filters: list[int], kernels: list[int], out_channels: int, init_std: float = 0.001
+    ) -> None:
+        super().__init__()
+        if len(filters) != len(kernels) or not 1 <= len(filters) <= 5:
+            raise ValueError(
+                f"Need 1 to 5 deconvolutions with one kernel each, got filters={filters}, kernels={kernels}."
+            )
+        layers: list[nn.Module] = []
+        planes = in_channels
+        for out_planes, kernel in zip(filters, kernels, strict=True):
+            if kernel not in self._DECONV_PADDING:
+                raise ValueError(f"Deconvolution kernels must be in {sorted(self._DECONV_PADDING)}, got {kernel}.")
+            padding, output_padding = self._DECONV_PADDING[kernel]
+            layers += [
+                nn.ConvTranspose2d(
+                    planes, out_planes, kernel, stride=2, padding=padding, output_padding=output_padding, bias=False
+                ),
+                nn.BatchNorm2d(out_planes),
+                nn.ReLU(inplace=True),
+            ]
+            planes = out_planes
+        self.deconv_layers = nn.Sequential(*layers)
+        self.conv_layers = nn.Sequential(
+            nn.Conv2d(planes, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
+        )
+        self.num_upsamplings = 5 - len(filters)
+        _tag_tree(self, ("normal", init_std))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.conv_layers(self.deconv_layers(hidden_states))
+        for _ in range(self.num_upsamplings):
+            hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return hidden_states
+
+
+class VPDDepthHead(nn.Module):
+    r"""
+    The official VPD depth head: :class:`VPDDepthNeck` -> crop to the un-padded 1/32 grid -> :class:`VPDDepthDecoder`
+    -> conv3x3 + ReLU + conv3x3 -> `sigmoid * max_depth`.
+
+    The crop reproduces the reference exactly: a 480x480 crop is padded to 512x512, the 16x16 neck output is cropped to
+    15x15 (after the GroupNorm, which therefore sees the padded map) and decoded to 480x480.
+    """
+
+    def __init__(
+        self,
+        in_channels: list[int],
+        neck_channels: int = 1536,
+        head_channels: int = 192,
+        deconv_filters: list[int] = (32, 32, 32),
+        deconv_kernels: list[int] = (2, 2, 2),
+        max_depth: float = 10.0,
+        neck_init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.max_depth = float(max_depth)
+        self.neck = VPDDepthNeck(in_channels, neck_channels, init_std=neck_init_std)
+        self.decoder = VPDDepthDecoder(neck_channels, list(deconv_filters), list(deconv_kernels), head_channels)
+        self.last_layer_depth = nn.Sequential(
+            nn.Conv2d(head_channels, head_channels, 3, padding=1), nn.ReLU(), nn.Conv2d(head_channels, 1, 3, padding=1)
+        )
+        _tag_tree(self.last_layer_depth, ("normal", 0.001))
+
+    def forward(
+        self, features: list[torch.Tensor] | tuple[torch.Tensor, ...], output_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Returns depth `(B, H, W)` in metres for an image of `output_size = (H, W)` (before padding)."""
+        height, width = output_size
+        hidden_states = self.neck(features)
+        hidden_states = hidden_states[:, :, : math.ceil(height / 32), : math.ceil(width / 32)]
+        logits = self.last_layer_depth(self.decoder(hidden_states))
+        depth = torch.sigmoid(logits) * self.max_depth
+        return depth[:, 0, :height, :width]
+
+
+__all__ = ["VPDDepthDecoder", "VPDDepthHead", "VPDDepthNeck", "tag_init"]

@@ -1,0 +1,293 @@
+"""Image processor for VPD (PIL/NumPy backend: no torchvision needed)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import ChannelDimension, PILImageResampling, SizeDict, infer_channel_dimension_format
+from transformers.processing_utils import ImagesKwargs, Unpack
+
+from .visualization import colorize_depth, depth_to_uint16_png
+
+
+class VPDImageProcessorKwargs(ImagesKwargs, total=False):
+    """
+    size_divisor (`int`, *optional*, defaults to 64):
+        With `do_pad`, images are zero-padded at the bottom and right to a common size that is a multiple of this value
+        (64 keeps every UNet level of Stable Diffusion integer-sized).
+    """
+
+    size_divisor: int
+
+
+def _resize_plane(plane: np.ndarray, size: tuple[int, int], resample: PILImageResampling) -> np.ndarray:
+    """Resizes one float32 `(H, W)` plane with PIL (mode "F": no 8-bit rounding, antialiased when shrinking)."""
+    height, width = size
+    return np.asarray(Image.fromarray(plane.astype(np.float32)).resize((width, height), resample=resample))
+
+
+def _target_size(height: int, width: int, size: SizeDict) -> tuple[int, int]:
+    if size.height and size.width:
+        return int(size.height), int(size.width)
+    if size.max_height and size.max_width:
+        scale = min(size.max_height / height, size.max_width / width)
+    elif size.shortest_edge:
+        scale = size.shortest_edge / min(height, width)
+        if size.longest_edge:
+            scale = min(scale, size.longest_edge / max(height, width))
+    elif size.longest_edge:
+        scale = size.longest_edge / max(height, width)
+    else:
+        raise ValueError(
+            "`size` must have 'height' and 'width', 'shortest_edge' (optionally with 'longest_edge'), 'longest_edge', "
+            f"or 'max_height' and 'max_width'; got {dict(size)}."
+        )
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+class VPDImageProcessor(PilBackend):
+    r"""
+    Prepares images for VPD and turns its outputs back into per-image results.
+
+    Pre-processing: conversion to RGB (any PIL mode; NumPy/torch arrays `(H, W)`, `(H, W, C)` or `(C, H, W)`, `uint8`
+    in [0, 255] or float in [0, 1]), resizing (default: shorter side 480 and longer side at most 640, the NYUv2
+    framing), normalisation to [-1, 1] (Stable Diffusion's input range), and zero-padding at the bottom/right to a
+    common size that is a multiple of `size_divisor` (64). Returns `pixel_values` `(B, 3, H, W)` and, with padding,
+    `pixel_mask` `(B, H, W)` (1 = image, 0 = padding) which the model passes through to post-processing.
+
+    Post-processing: :meth:`post_process_depth_estimation` removes each image's padding and resizes to the requested
+    sizes (the contract of transformers' `depth-estimation` pipeline); :meth:`visualize_depth` and
+    :meth:`export_depth_to_16bit_png` make pictures.
+    """
+
+    valid_kwargs = VPDImageProcessorKwargs
+    model_input_names = ["pixel_values", "pixel_mask"]
+
+    do_convert_rgb = True
+    do_resize = True
+    size = {"shortest_edge": 480, "longest_edge": 640}
+    default_to_square = False
+    resample = PILImageResampling.BILINEAR
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
+    do_pad = True
+    size_divisor = 64
+
+    def __init__(self, **kwargs: Unpack[VPDImageProcessorKwargs]) -> None:
+        super().__init__(**kwargs)
+
+    # -- pre-processing -------------------------------------------------------------------------------------------------
+
+    def _prepare_images_structure(self, images: Any, expected_ndims: int = 3) -> list:
+        try:
+            return super()._prepare_images_structure(images, expected_ndims=expected_ndims)
+        except (TypeError, ValueError) as error:
+            raise type(error)(
+                "`images` must be one image or a list of images (PIL, or arrays/tensors of shape (H, W), (H, W, C) or "
+                f"(C, H, W)); {error}"
+            ) from error
+
+    def process_image(
+        self,
+        image: Any,
+        do_convert_rgb: bool | None = None,
+        input_data_format: str | ChannelDimension | None = None,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """One input image -> `(3, H, W)` array, `uint8` (0-255) or `float32` (0-1)."""
+        if isinstance(image, Image.Image):
+            return self._pil_to_array(image)
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+        if not isinstance(image, np.ndarray):
+            raise TypeError(
+                f"`images` must be PIL images, NumPy arrays or torch tensors (or lists of them), got {type(image).__name__}."
+            )
+        if image.dtype == np.bool_ or not (image.dtype == np.uint8 or np.issubdtype(image.dtype, np.floating)):
+            raise TypeError(f"Image arrays must be uint8 (0-255) or float (0-1), got dtype {image.dtype}.")
+        if image.ndim == 2:
+            image = image[None]
+            input_data_format = ChannelDimension.FIRST
+        if image.ndim != 3:
+            raise ValueError(f"Image arrays must be (H, W), (H, W, C) or (C, H, W), got shape {image.shape}.")
+        if input_data_format is None:
+            input_data_format = infer_channel_dimension_format(image, num_channels=(1, 3, 4))
+        if ChannelDimension(input_data_format) == ChannelDimension.LAST:
+            image = np.moveaxis(image, -1, 0)
+        channels = image.shape[0]
+        if channels == 1:
+            image = np.repeat(image, 3, axis=0)
+        elif channels == 4:
+            image = image[:3]  # RGBA: alpha dropped
+        elif channels != 3:
+            raise ValueError(f"Image arrays must have 1, 3 or 4 channels, got {channels} (shape {image.shape}).")
+        return image.astype(np.float32) if image.dtype != np.uint8 else image
+
+    @staticmethod
+    def _pil_to_array(image: Image.Image) -> np.ndarray:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit grayscale (e.g. a PNG): keep the precision instead of PIL's 8-bit clipping conversion.
+            plane = np.asarray(image, dtype=np.float32) / 65535.0
+            return np.repeat(np.clip(plane, 0.0, 1.0)[None], 3, axis=0)
+        if image.mode == "F":
+            return np.repeat(np.asarray(image, dtype=np.float32)[None], 3, axis=0)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        return np.moveaxis(np.asarray(image.convert("RGB")), -1, 0)
+
+    def _preprocess(
+        self,
+        images: list[np.ndarray],
+        do_resize: bool,
+        size: SizeDict,
+        resample: PILImageResampling | None,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean: float | Sequence[float] | None,
+        image_std: float | Sequence[float] | None,
+        do_pad: bool | None,
+        return_tensors: str | None,
+        size_divisor: int | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        size_divisor = self.size_divisor if size_divisor is None else size_divisor
+        if do_pad and (not isinstance(size_divisor, int) or size_divisor < 1):
+            raise ValueError(f"`size_divisor` must be a positive integer, got {size_divisor!r}.")
+        resample = PILImageResampling.BILINEAR if resample is None else resample
+        processed = []
+        for image in images:
+            if image.dtype == np.uint8:
+                image = image.astype(np.float32) * (rescale_factor if do_rescale else 1.0)
+            elif not np.isfinite(image).all():
+                raise ValueError("Float images must hold values in [0, 1]; got NaN or infinite values.")
+            elif image.min() < 0.0 or image.max() > 1.0:
+                raise ValueError(
+                    "Float images must hold values in [0, 1] (pass uint8 arrays for 0-255 data); got range "
+                    f"[{image.min():.4g}, {image.max():.4g}]."
+                )
+            if do_resize:
+                new_size = _target_size(image.shape[1], image.shape[2], size)
+                if new_size != tuple(image.shape[1:]):
+                    image = np.stack([_resize_plane(plane, new_size, resample) for plane in image])
+            if do_normalize:
+                mean = np.asarray(image_mean, dtype=np.float32).reshape(-1, 1, 1)
+                std = np.asarray(image_std, dtype=np.float32).reshape(-1, 1, 1)
+                image = (image - mean) / std
+            processed.append(image.astype(np.float32))
+
+        data: dict[str, Any] = {}
+        if do_pad:
+            height = math.ceil(max(image.shape[1] for image in processed) / size_divisor) * size_divisor
+            width = math.ceil(max(image.shape[2] for image in processed) / size_divisor) * size_divisor
+            padded, masks = [], []
+            for image in processed:
+                canvas = np.zeros((image.shape[0], height, width), dtype=np.float32)
+                canvas[:, : image.shape[1], : image.shape[2]] = image
+                mask = np.zeros((height, width), dtype=np.int64)
+                mask[: image.shape[1], : image.shape[2]] = 1
+                padded.append(canvas)
+                masks.append(mask)
+            data["pixel_values"], data["pixel_mask"] = padded, masks
+        else:
+            shapes = {image.shape for image in processed}
+            if len(shapes) > 1 and return_tensors is not None:
+                raise ValueError(
+                    f"Images of different sizes {sorted(s[1:] for s in shapes)} cannot be batched without padding; "
+                    "set `do_pad=True` or resize them to one `size`."
+                )
+            data["pixel_values"] = processed
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    # -- post-processing ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_target_sizes(target_sizes: Any, batch_size: int) -> list[tuple[int, int] | None]:
+        if target_sizes is None:
+            return [None] * batch_size
+        if isinstance(target_sizes, torch.Tensor):
+            target_sizes = target_sizes.tolist()
+        sizes = list(target_sizes)
+        if len(sizes) != batch_size:
+            raise ValueError(f"`target_sizes` has {len(sizes)} entries for a batch of {batch_size} predictions.")
+        checked = []
+        for size in sizes:
+            if size is None:
+                checked.append(None)
+                continue
+            pair = tuple(size)
+            if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in pair):
+                raise ValueError(
+                    f"Each entry of `target_sizes` must be a (height, width) pair of positive ints, got {size!r}."
+                )
+            checked.append((int(pair[0]), int(pair[1])))
+        return checked
+
+    @staticmethod
+    def _unpad(prediction: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:
+            return prediction
+        height = int(mask.any(dim=1).sum())
+        width = int(mask.any(dim=0).sum())
+        return prediction[..., :height, :width]
+
+    def post_process_depth_estimation(
+        self,
+        outputs: Any,
+        target_sizes: torch.Tensor | Sequence[tuple[int, int]] | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        r"""
+        Removes the padding of each prediction (using `outputs.pixel_mask` when present) and resizes it bilinearly to
+        `target_sizes[i] = (height, width)` (e.g. the original image size).
+
+        Returns:
+            One `{"predicted_depth": (H, W) tensor}` per image.
+        """
+        predicted_depth = outputs["predicted_depth"] if isinstance(outputs, dict) else outputs.predicted_depth
+        if predicted_depth is None or predicted_depth.ndim != 3:
+            raise ValueError("`outputs.predicted_depth` must be a (batch, height, width) tensor.")
+        pixel_mask = outputs.get("pixel_mask") if hasattr(outputs, "get") else getattr(outputs, "pixel_mask", None)
+        sizes = self._check_target_sizes(target_sizes, predicted_depth.shape[0])
+        results = []
+        for index, (depth, size) in enumerate(zip(predicted_depth, sizes, strict=True)):
+            depth = self._unpad(depth, None if pixel_mask is None else pixel_mask[index])
+            if size is not None and tuple(depth.shape) != size:
+                antialias = size[0] < depth.shape[0] or size[1] < depth.shape[1]
+                depth = F.interpolate(
+                    depth[None, None].float(), size=size, mode="bilinear", align_corners=False, antialias=antialias
+                )[0, 0].to(depth.dtype)
+            results.append({"predicted_depth": depth})
+        return results
+
+    # -- visualisation ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def visualize_depth(
+        depth: torch.Tensor | np.ndarray,
+        vmin: float | None = None,
+        vmax: float | None = None,
+        colormap: str = "viridis",
+    ) -> Image.Image:
+        """Colour picture of a depth map; see :func:`vpd_hf.visualization.colorize_depth`."""
+        return colorize_depth(depth, vmin=vmin, vmax=vmax, colormap=colormap)
+
+    @staticmethod
+    def export_depth_to_16bit_png(depth: torch.Tensor | np.ndarray, scale: float = 1000.0) -> Image.Image:
+        """16-bit PNG image of the depth in millimetres; see :func:`vpd_hf.visualization.depth_to_uint16_png`."""
+        return depth_to_uint16_png(depth, scale=scale)
+
+
+__all__ = ["VPDImageProcessor"]

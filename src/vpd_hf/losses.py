@@ -1,0 +1,56 @@
+"""Training losses of VPD's task heads."""
+
+from __future__ import annotations
+
+import torch
+
+
+def scale_invariant_log_error(log_diff: torch.Tensor, lambd: float = 0.5, floor: float = 1e-12) -> torch.Tensor:
+    """`sqrt(max(mean(d^2) - lambd * mean(d)^2, floor))` of log-depth differences `d` (all elements used)."""
+    mean = log_diff.mean()
+    # Written as var(d) + (1 - lambd) * mean(d)^2, which is the same quantity without float32 cancellation. Exact
+    # predictions give 0 and an infinite sqrt gradient; the default floor (result >= 1e-6) keeps training finite.
+    variance = (log_diff - mean).pow(2).mean() + (1.0 - lambd) * mean.pow(2)
+    return torch.sqrt(variance.clamp_min(floor))
+
+
+def silog_loss(
+    predicted_depth: torch.Tensor,
+    target_depth: torch.Tensor,
+    lambd: float = 0.5,
+    valid_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""
+    Scale-invariant log loss of the VPD/GLPDepth code: `sqrt(mean(d^2) - lambd * mean(d)^2)` with
+    `d = log(target) - log(predicted)` over all valid pixels of the batch (pooled, not per image). A pixel is valid when
+    its target is finite and > 0 (0 marks missing depth) and, if given, `valid_mask` is true there.
+
+    Args:
+        predicted_depth: `(B, H, W)` positive depths.
+        target_depth: `(B, H, W)` ground truth; 0, NaN and inf mark invalid pixels.
+        lambd: variance weight in [0, 1].
+        valid_mask: optional `(B, H, W)` boolean (or 0/1) mask of pixels to use, e.g. to exclude padding.
+
+    Returns:
+        A scalar in float32. With no valid pixel the loss is 0 (still connected to `predicted_depth`).
+    """
+    if predicted_depth.shape != target_depth.shape:
+        raise ValueError(
+            f"`labels` must have the shape of the predicted depth {tuple(predicted_depth.shape)}, "
+            f"got {tuple(target_depth.shape)}."
+        )
+    target = target_depth.float()
+    valid = torch.isfinite(target) & (target > 0)
+    if valid_mask is not None:
+        if valid_mask.shape != target.shape:
+            raise ValueError(
+                f"`pixel_mask` must have the shape of the labels {tuple(target.shape)}, got {tuple(valid_mask.shape)}."
+            )
+        valid &= valid_mask.bool()
+    predicted = predicted_depth.float()
+    if not bool(valid.any()):
+        return predicted.sum() * 0.0
+    return scale_invariant_log_error(torch.log(target[valid]) - torch.log(predicted[valid]), lambd)
+
+
+__all__ = ["scale_invariant_log_error", "silog_loss"]

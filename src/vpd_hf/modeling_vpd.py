@@ -1,0 +1,575 @@
+"""VPD: a Stable Diffusion UNet as a perception backbone (Zhao et al., "Unleashing Text-to-Image Diffusion Models for
+Visual Perception", ICCV 2023), on diffusers modules and the transformers `PreTrainedModel` API."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import Encoder
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import DepthEstimatorOutput
+from transformers.utils import ModelOutput
+
+from .attention import ForwardRecorder, attention_key, install_cross_attention_capture
+from .configuration_vpd import ATTENTION_RESOLUTIONS, VPDConfig
+from .heads import VPDDepthHead, tag_init
+from .losses import silog_loss
+from .prompts import CLIP_IMAGENET_TEMPLATES, NYU_PROMPT_MAX_LENGTH, NYU_SCENE_NAMES, encode_prompts
+
+# UNet modules whose outputs VPD reads (ldm output blocks 1, 4, 7; see the method notes, section 2.2). The 1/8 map is
+# the UNet's own output once its final norm and conv are removed.
+_FEATURE_TAPS = {1: "up_blocks.2.attentions.1", 2: "up_blocks.1.attentions.1", 3: "up_blocks.0.resnets.1"}
+
+
+def _feature_key(level: int) -> str:
+    return f"features.level{level}"
+
+
+def _resolution_level(resolution: int) -> int:
+    return ATTENTION_RESOLUTIONS.index(resolution)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VPDBackboneOutput(ModelOutput):
+    r"""
+    feature_maps (`tuple(torch.FloatTensor)`):
+        Four UNet decoder maps, high resolution first, at strides 8, 16, 32 and 64 of the *padded* image (64x64x320,
+        32x32x640, 16x16x1280, 8x8x1280 for a 512x512 input with SD 1.5). Where attention maps are configured, they are
+        concatenated after the UNet channels of the map with the same resolution.
+    attention_maps (`tuple(torch.FloatTensor)`, *optional*):
+        The cross-attention maps alone, one `(B, num_tokens, h, w)` tensor per configured resolution (largest first):
+        softmax over the text tokens, averaged over heads and over the layers of that resolution.
+    """
+
+    feature_maps: tuple[torch.FloatTensor, ...] | None = None
+    attention_maps: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class VPDDepthEstimatorOutput(DepthEstimatorOutput):
+    r"""
+    loss (`torch.FloatTensor`, *optional*): scale-invariant log loss, when `labels` are given.
+    predicted_depth (`torch.FloatTensor` of shape `(B, H, W)`): metric depth at the input (`pixel_values`) resolution.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*): the backbone feature maps, when `output_hidden_states`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*): the cross-attention maps, when `output_attentions`.
+    pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*):
+        The `pixel_mask` the model was called with (1 on image pixels, 0 on padding), passed through so that
+        `VPDImageProcessor.post_process_depth_estimation` can remove the padding of each image.
+    """
+
+    pixel_mask: torch.LongTensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class VPDTextAdapter(nn.Module):
+    r"""
+    `c' = c + gamma * MLP(c)` with `MLP = Linear -> GELU -> Linear` and a learnable per-channel `gamma` initialised
+    small (1e-4), so the UNet first sees (almost) the raw CLIP embeddings. Works on `(..., dim)` inputs.
+    """
+
+    def __init__(self, dim: int, gamma_init: float = 1e-4) -> None:
+        super().__init__()
+        self.linear_1 = tag_init(nn.Linear(dim, dim), "torch_default")
+        self.act = nn.GELU()
+        self.linear_2 = tag_init(nn.Linear(dim, dim), "torch_default")
+        self.gamma = nn.Parameter(torch.full((dim,), float(gamma_init)))
+        tag_init(self, "gamma", float(gamma_init))
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return embeddings + self.gamma * self.linear_2(self.act(self.linear_1(embeddings)))
+
+
+class VPDVAEEncoder(nn.Module):
+    r"""
+    The encoder half of a diffusers `AutoencoderKL` (`encoder` and `quant_conv`, with the same parameter names); the
+    decoder is never built. `forward` returns the posterior mode (mean), `(B, latent_channels, H / 8, W / 8)`.
+    """
+
+    def __init__(self, vae_config: dict[str, Any]) -> None:
+        super().__init__()
+        defaults = {
+            name: param.default
+            for name, param in inspect.signature(AutoencoderKL.__init__).parameters.items()
+            if param.default is not inspect.Parameter.empty
+        }
+        cfg = {**defaults, **vae_config}
+        self.encoder = Encoder(
+            in_channels=cfg["in_channels"],
+            out_channels=cfg["latent_channels"],
+            down_block_types=tuple(cfg["down_block_types"]),
+            block_out_channels=tuple(cfg["block_out_channels"]),
+            layers_per_block=cfg["layers_per_block"],
+            act_fn=cfg["act_fn"],
+            norm_num_groups=cfg["norm_num_groups"],
+            double_z=True,
+            mid_block_add_attention=cfg["mid_block_add_attention"],
+        )
+        latent = cfg["latent_channels"]
+        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if cfg["use_quant_conv"] else None
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        moments = self.encoder(pixel_values)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        mean, _logvar = moments.chunk(2, dim=1)
+        return mean
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretrained model base
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class VPDPreTrainedModel(PreTrainedModel):
+    config_class = VPDConfig
+    config: VPDConfig
+    base_model_prefix = "vpd"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = [
+        "BasicTransformerBlock",
+        "ResnetBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnUpBlock2D",
+        "UpBlock2D",
+        "VPDVAEEncoder",
+        "VPDDepthHead",
+    ]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise only the layers VPD owns (tagged by their constructors); diffusion weights are never touched."""
+        if isinstance(module, VPDModel):
+            if module.prompt_embeddings is not None:
+                init.zeros_(module.prompt_embeddings)
+            return
+        spec = getattr(module, "vpd_init", None)
+        if spec is None:
+            return
+        kind, value = spec
+        if kind == "gamma":
+            init.constant_(module.gamma, value)
+        elif kind == "norm":
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm2d):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif kind in ("normal", "trunc_normal", "torch_default"):
+            if kind == "normal":
+                init.normal_(module.weight, std=value)
+            elif kind == "trunc_normal":
+                init.trunc_normal_(module.weight, std=value)
+            else:
+                init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                if kind == "torch_default":
+                    bound = 1 / math.sqrt(module.weight.shape[1])
+                    init.uniform_(module.bias, -bound, bound)
+                else:
+                    init.zeros_(module.bias)
+        else:
+            raise ValueError(f"Unknown VPD init kind {kind!r} on {type(module).__name__}.")
+
+    # -- Stable Diffusion import --------------------------------------------------------------------------------------
+
+    @classmethod
+    def _build_from_stable_diffusion(
+        cls,
+        pretrained_model_name_or_path: str,
+        make_prompts: Callable[[nn.Module, Any], dict[str, Any]],
+        config_kwargs: dict[str, Any],
+        hub_kwargs: dict[str, Any],
+        dtype: torch.dtype | None = None,
+    ):
+        """
+        Builds `cls` from a diffusers-layout Stable Diffusion checkpoint: the config from its `unet/` and `vae/` configs,
+        the UNet and VAE-encoder weights, and whatever `make_prompts(text_encoder, tokenizer)` derives from its
+        `text_encoder/` and `tokenizer/` (config entries, plus a `prompt_embeddings` tensor for the prompt table).
+        """
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        path = str(pretrained_model_name_or_path)
+        unet_config = dict(UNet2DConditionModel.load_config(path, subfolder="unet", **hub_kwargs))
+        vae_config = dict(AutoencoderKL.load_config(path, subfolder="vae", **hub_kwargs))
+        hub_no_variant = {k: v for k, v in hub_kwargs.items() if k != "variant"}
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **hub_kwargs).eval()
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **hub_no_variant)
+        prompts = make_prompts(text_encoder, tokenizer)
+        embeddings = prompts.pop("prompt_embeddings", None)
+        del text_encoder
+
+        config = VPDConfig(unet_config=unet_config, vae_config=vae_config, **{**prompts, **config_kwargs})
+        config.name_or_path = path
+        model = cls(config)
+
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **hub_kwargs)
+        unet_state = {k: v for k, v in unet.state_dict().items() if k in model.vpd.unet.state_dict()}
+        model.vpd.unet.load_state_dict(unet_state, strict=True)
+        del unet, unet_state
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **hub_kwargs)
+        vae_state = {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+        model.vpd.vae.load_state_dict(vae_state, strict=True)
+        del vae, vae_state
+        if embeddings is not None:
+            model.vpd.prompt_embeddings.copy_(embeddings)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backbone
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class VPDModel(VPDPreTrainedModel):
+    r"""
+    The VPD backbone: `pixel_values -> VAE encoder (frozen, posterior mode) -> optional latent scaling -> one UNet pass
+    at `config.timestep` conditioned on `TextAdapter(prompt_embeds)` -> four decoder feature maps (+ cross-attention
+    maps where configured)`.
+
+    Submodules: `unet` (diffusers `UNet2DConditionModel` without its unused output norm/conv), `vae`
+    (:class:`VPDVAEEncoder`), `text_adapter` (:class:`VPDTextAdapter`), and the persistent buffer `prompt_embeddings`
+    `(num_prompts, prompt_embed_dim)` holding the class or scene embeddings (none when `num_prompts == 0`).
+    """
+
+    def __init__(self, config: VPDConfig) -> None:
+        super().__init__(config)
+        self.vae = VPDVAEEncoder(config.vae_config)
+        self.vae.requires_grad_(False)
+        self.unet = UNet2DConditionModel(**config.unet_config)
+        # The UNet's output head (GroupNorm + SiLU + conv to the noise) is never used by VPD: drop it, so that its
+        # output is the 1/8 feature map and DDP sees no unused parameters.
+        self.unet.conv_norm_out = None
+        self.unet.conv_out = nn.Identity()
+        self.text_adapter = VPDTextAdapter(config.prompt_embed_dim, config.text_adapter_gamma_init)
+        if config.num_prompts > 0:
+            self.register_buffer("prompt_embeddings", torch.zeros(config.num_prompts, config.prompt_embed_dim))
+        else:
+            self.prompt_embeddings = None
+
+        self._recorder = ForwardRecorder()
+        modules = dict(self.unet.named_modules())
+        for level, name in _FEATURE_TAPS.items():
+            modules[name].register_forward_hook(self._recorder.hook(_feature_key(level)))
+        self._attention_levels = [_resolution_level(r) for r in config.attention_resolutions]
+        self._attention_layer_counts = install_cross_attention_capture(
+            self.unet, self._attention_levels, self._recorder, detach=config.detach_attention_maps
+        )
+        self.post_init()
+
+    # -- inputs --------------------------------------------------------------------------------------------------------
+
+    def feature_channels(self, num_tokens: int) -> list[int]:
+        """Channels of the four output feature maps when the context has `num_tokens` tokens."""
+        channels = self.config.unet_channels
+        return [c + (num_tokens if level in self._attention_levels else 0) for level, c in enumerate(channels)]
+
+    def get_prompt_embeddings(self, prompt_ids: torch.Tensor | Sequence[int] | None, batch_size: int) -> torch.Tensor:
+        r"""
+        One prompt token per image, `(batch_size, 1, prompt_embed_dim)`: row `prompt_ids[i]` of the prompt table, or the
+        mean of the table (the "unknown" prompt, as mmsegmentation's VPD) where `prompt_ids` is None or -1.
+        """
+        table = self.prompt_embeddings
+        if table is None:
+            raise ValueError("This model has no prompt table (`num_prompts` is 0); pass `prompt_embeds` instead.")
+        mean = table.mean(dim=0, keepdim=True)
+        if prompt_ids is None:
+            return mean.expand(batch_size, -1).unsqueeze(1)
+        ids = torch.as_tensor(prompt_ids, device=table.device)
+        if ids.dtype in (torch.bool,) or ids.is_floating_point() or ids.is_complex() or ids.shape != (batch_size,):
+            raise ValueError(
+                f"`scene_ids` must be integers of shape ({batch_size},) (one per image, -1 for unknown); "
+                f"got dtype {ids.dtype} and shape {tuple(ids.shape)}."
+            )
+        if bool(((ids < -1) | (ids >= table.shape[0])).any()):
+            raise ValueError(
+                f"`scene_ids` must lie in [-1, {table.shape[0] - 1}] (the {table.shape[0]} prompt rows, -1 = unknown); "
+                f"got {ids.tolist()}."
+            )
+        rows = torch.where((ids >= 0)[:, None], table[ids.clamp_min(0)], mean)
+        return rows.unsqueeze(1)
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
+        in_channels = self.vae.encoder.conv_in.in_channels
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != in_channels or not pixel_values.is_floating_point():
+            raise ValueError(
+                f"`pixel_values` must be a float tensor of shape (batch, {in_channels}, height, width) in [-1, 1]; "
+                f"got {pixel_values.dtype} of shape {tuple(pixel_values.shape)}."
+            )
+
+    # -- forward ------------------------------------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        r"""
+        VAE posterior mode of `pixel_values` `(B, 3, H, W)` in [-1, 1], zero-padded at the bottom/right to a multiple of
+        `config.pad_multiple` (64), with the configured latent scaling. Runs without gradients (the VAE is frozen).
+        Returns `(B, latent_channels, ceil(H / 64) * 8, ceil(W / 64) * 8)` in the UNet's dtype.
+        """
+        self._check_pixel_values(pixel_values)
+        multiple = self.config.pad_multiple
+        height, width = pixel_values.shape[-2:]
+        pad_h, pad_w = -height % multiple, -width % multiple
+        if pad_h or pad_w:
+            pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
+        vae_dtype = self.vae.encoder.conv_in.weight.dtype
+        with torch.no_grad():
+            latents = self.vae(pixel_values.to(vae_dtype))
+        scaling = self.config.latent_scaling
+        if scaling == "scaling_factor":
+            latents = latents * float(self.config.vae_config.get("scaling_factor", 0.18215))
+        elif scaling is not None:
+            latents = latents / float(scaling)
+        return latents.to(self.unet.dtype)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> VPDBackboneOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`):
+                Images in [-1, 1]; any size (padded internally to a multiple of 64).
+            prompt_embeds (`torch.FloatTensor` of shape `(B, T, D)` or `(T, D)`, *optional*):
+                Raw text conditioning before the TextAdapter; a 2-D tensor is shared by the whole batch. Defaults to
+                the whole prompt table `(num_prompts, D)`.
+            latents (`torch.FloatTensor` of shape `(B, C, h, w)`, *optional*):
+                Output of :meth:`encode_images`, to reuse one encoding for several prompts (instead of `pixel_values`).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (pixel_values is None) == (latents is None):
+            raise ValueError("Pass exactly one of `pixel_values` and `latents`.")
+        if latents is None:
+            latents = self.encode_images(pixel_values)
+        elif latents.ndim != 4 or latents.shape[1] != self.config.latent_channels:
+            raise ValueError(
+                f"`latents` must have shape (batch, {self.config.latent_channels}, h, w), got {tuple(latents.shape)}."
+            )
+        batch_size = latents.shape[0]
+        context = self._context(prompt_embeds, batch_size)
+        timesteps = torch.full((batch_size,), self.config.timestep, dtype=torch.long, device=latents.device)
+
+        with self._recorder.record() as record:
+            level0 = self.unet(latents, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+        features = [level0] + [self._single(record, _feature_key(level)) for level in (1, 2, 3)]
+        if level0.requires_grad and not all(f.requires_grad for f in features):
+            raise RuntimeError(
+                "UNet features lost their gradient: reentrant activation checkpointing hides module outputs from "
+                "autograd. Enable it with `activation_checkpointing_kwargs={'use_reentrant': False}` (the default)."
+            )
+        attention_maps = []
+        for level in self._attention_levels:
+            maps = self._attention_map(record, level, features[level].shape[-2:])
+            attention_maps.append(maps)
+            features[level] = torch.cat([features[level], maps.to(features[level].dtype)], dim=1)
+        output = VPDBackboneOutput(feature_maps=tuple(features), attention_maps=tuple(attention_maps) or None)
+        return output if return_dict else output.to_tuple()
+
+    def _context(self, prompt_embeds: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        if prompt_embeds is None:
+            if self.prompt_embeddings is None:
+                raise ValueError("`prompt_embeds` is required: this model has no prompt table (`num_prompts` is 0).")
+            prompt_embeds = self.prompt_embeddings
+        dim = self.config.prompt_embed_dim
+        if prompt_embeds.ndim not in (2, 3) or prompt_embeds.shape[-1] != dim or prompt_embeds.shape[-2] == 0:
+            raise ValueError(
+                f"`prompt_embeds` must have shape (batch, tokens, {dim}) or (tokens, {dim}), "
+                f"got {tuple(prompt_embeds.shape)}."
+            )
+        if prompt_embeds.ndim == 3 and prompt_embeds.shape[0] != batch_size:
+            raise ValueError(f"`prompt_embeds` has batch size {prompt_embeds.shape[0]}, the images {batch_size}.")
+        context = self.text_adapter(prompt_embeds.to(self.text_adapter.gamma.dtype))
+        if context.ndim == 2:
+            context = context.unsqueeze(0).expand(batch_size, -1, -1)
+        return context.to(self.unet.dtype)
+
+    @staticmethod
+    def _single(record: dict[str, list[torch.Tensor]], key: str) -> torch.Tensor:
+        values = record.get(key, [])
+        if len(values) != 1:
+            raise RuntimeError(f"Expected one UNet output for `{key}`, captured {len(values)}.")
+        return values[0]
+
+    def _attention_map(self, record: dict[str, list[torch.Tensor]], level: int, size: torch.Size) -> torch.Tensor:
+        maps = record.get(attention_key(level), [])
+        expected = self._attention_layer_counts[level]
+        if len(maps) != expected:
+            raise RuntimeError(
+                f"Captured {len(maps)} of the {expected} cross-attention maps at UNet level {level}: the attention "
+                "processors installed by VPD were replaced (e.g. by `unet.set_attn_processor`). Rebuild the model or "
+                "call `model.vpd.install_attention_capture()`."
+            )
+        mean = torch.stack(maps).mean(dim=0)  # (B, h * w, T)
+        return mean.transpose(1, 2).unflatten(2, tuple(size))
+
+    def install_attention_capture(self) -> None:
+        """(Re)install the attention-map processors, e.g. after the UNet's attention processors were replaced."""
+        self._attention_layer_counts = install_cross_attention_capture(
+            self.unet, self._attention_levels, self._recorder, detach=self.config.detach_attention_maps
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Depth estimation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class VPDModelForDepthEstimation(VPDPreTrainedModel):
+    r"""
+    VPD for monocular metric depth (NYUv2): the backbone conditioned on one scene token per image, the official
+    conv-deconv depth head with `sigmoid * max_depth` output, and the scale-invariant log loss.
+    """
+
+    def __init__(self, config: VPDConfig) -> None:
+        super().__init__(config)
+        self.vpd = VPDModel(config)
+        self.head = VPDDepthHead(
+            in_channels=self.vpd.feature_channels(num_tokens=1),
+            neck_channels=config.depth_neck_channels,
+            head_channels=config.depth_head_channels,
+            deconv_filters=config.depth_deconv_filters,
+            deconv_kernels=config.depth_deconv_kernels,
+            max_depth=config.max_depth,
+            neck_init_std=config.initializer_range,
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        scene_ids: torch.Tensor | Sequence[int] | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> VPDDepthEstimatorOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): images in [-1, 1], any size.
+            scene_ids (`torch.LongTensor` of shape `(B,)`, *optional*):
+                Row of the scene-prompt table per image (`config.prompt_names`); -1 or None uses the mean prompt.
+            labels (`torch.FloatTensor` of shape `(B, H, W)`, *optional*):
+                Ground-truth depth in metres; 0 (or NaN/inf) marks pixels without depth.
+            pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*):
+                1 on image pixels and 0 on padding (from `VPDImageProcessor`); padding is left out of the loss and the
+                mask is returned with the output for post-processing.
+
+        Returns:
+            [`VPDDepthEstimatorOutput`] with `predicted_depth` `(B, H, W)` in metres and `loss` when `labels` are given.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self.vpd._check_pixel_values(pixel_values)
+        batch_size, _, height, width = pixel_values.shape
+        if pixel_mask is not None and tuple(pixel_mask.shape) != (batch_size, height, width):
+            raise ValueError(
+                f"`pixel_mask` must have shape {(batch_size, height, width)}, got {tuple(pixel_mask.shape)}."
+            )
+        prompt_embeds = self.vpd.get_prompt_embeddings(scene_ids, batch_size)
+        backbone = self.vpd(pixel_values=pixel_values, prompt_embeds=prompt_embeds)
+        predicted_depth = self.head(backbone.feature_maps, (height, width))
+
+        loss = None
+        if labels is not None:
+            loss = silog_loss(predicted_depth, labels, self.config.silog_lambda, valid_mask=pixel_mask)
+
+        output = VPDDepthEstimatorOutput(
+            loss=loss,
+            predicted_depth=predicted_depth,
+            hidden_states=backbone.feature_maps if output_hidden_states else None,
+            attentions=backbone.attention_maps if output_attentions else None,
+            pixel_mask=pixel_mask,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @classmethod
+    def from_stable_diffusion(
+        cls,
+        pretrained_model_name_or_path: str,
+        scene_names: Sequence[str] | None = None,
+        prompt_templates: Sequence[str] | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        cache_dir: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool | None = None,
+        show_progress: bool = True,
+        **config_kwargs: Any,
+    ) -> VPDModelForDepthEstimation:
+        r"""
+        Builds a VPD depth model from a diffusers-layout Stable Diffusion checkpoint (Hub id or local folder with
+        `unet/`, `vae/`, `text_encoder/` and `tokenizer/`; other subfolders are ignored): the config comes from the
+        checkpoint's own component configs, the UNet and VAE-encoder weights are imported, and the scene prompts are
+        embedded with the checkpoint's CLIP text encoder (pooled EOS output, averaged over the templates), which is
+        then dropped.
+
+        Args:
+            pretrained_model_name_or_path: e.g. `"stable-diffusion-v1-5/stable-diffusion-v1-5"`.
+            scene_names: rows of the scene-prompt table (default: the 27 NYUv2 scene types, official order).
+            prompt_templates: templates with one `{}` (default: the 80 CLIP ImageNet templates).
+            dtype: dtype of the returned model (weights are imported in float32).
+            config_kwargs: any other `VPDConfig` field (e.g. `max_depth=80.0`, `latent_scaling="scaling_factor"`).
+        """
+        names = list(scene_names) if scene_names is not None else list(NYU_SCENE_NAMES)
+        templates = list(prompt_templates) if prompt_templates is not None else list(CLIP_IMAGENET_TEMPLATES)
+
+        def make_prompts(text_encoder: nn.Module, tokenizer: Any) -> dict[str, Any]:
+            embeddings = encode_prompts(
+                text_encoder, tokenizer, names, templates, max_length=NYU_PROMPT_MAX_LENGTH, show_progress=show_progress
+            )
+            return {
+                "prompt_embeddings": embeddings,
+                "num_prompts": len(names),
+                "prompt_names": names,
+                "prompt_templates": templates,
+            }
+
+        hub_kwargs = {
+            k: v
+            for k, v in dict(
+                revision=revision, variant=variant, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+            ).items()
+            if v is not None
+        }
+        return cls._build_from_stable_diffusion(
+            pretrained_model_name_or_path, make_prompts, config_kwargs, hub_kwargs, dtype
+        )
+
+
+__all__ = [
+    "VPDBackboneOutput",
+    "VPDDepthEstimatorOutput",
+    "VPDModel",
+    "VPDModelForDepthEstimation",
+    "VPDPreTrainedModel",
+    "VPDTextAdapter",
+    "VPDVAEEncoder",
+]

@@ -1,0 +1,101 @@
+"""Text prompts of VPD: the NYUv2 scene names, the CLIP prompt templates, and their embedding with a CLIP text encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+# The 27 NYUv2 scene types in the order of the official `nyu_class_list.json` (the folder names of
+# `official_splits/train`, in the order `glob` listed them). The order is the row order of the released
+# `nyu_class_embeddings.pth`, so it must not be sorted. "excercise_room" is spelled as the dataset spells it.
+NYU_SCENE_NAMES: tuple[str, ...] = (
+    "printer_room", "bathroom", "living_room", "study", "conference_room", "study_room", "kitchen", "home_office",
+    "bedroom", "dinette", "playroom", "indoor_balcony", "laundry_room", "basement", "excercise_room", "foyer",
+    "home_storage", "cafe", "furniture_store", "office_kitchen", "student_lounge", "dining_room", "reception_room",
+    "computer_lab", "classroom", "office", "bookstore",
+)  # fmt: skip
+
+# The 80 prompt templates of CLIP's ImageNet zero-shot evaluation; VPD averages the scene embeddings over them.
+CLIP_IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
+    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
+    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
+    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.",
+    "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
+    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
+    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.",
+    "a sketch of the {}.", "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.",
+    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.",
+    "a photo of the small {}.", "a photo of the weird {}.", "the cartoon {}.", "art of the {}.",
+    "a drawing of the {}.", "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.",
+    "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.", "a toy {}.",
+    "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
+)  # fmt: skip
+
+# Token length the official NYUv2 scene embeddings were made with. CLIP's causal text encoder makes the pooled (EOS)
+# output independent of padding, so the length only matters through truncation.
+NYU_PROMPT_MAX_LENGTH = 20
+
+
+def _check_strings(values: Sequence[str], name: str) -> list[str]:
+    if isinstance(values, str) or not values or not all(isinstance(v, str) and v for v in values):
+        raise ValueError(f"`{name}` must be a non-empty list of non-empty strings, got {values!r}.")
+    return list(values)
+
+
+def format_prompts(names: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
+    """`templates` filled with each name (underscores read as spaces), one list per name."""
+    names = _check_strings(names, "names")
+    templates = _check_strings(templates, "prompt_templates")
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"Each prompt template needs exactly one '{{}}' placeholder; these do not: {bad}.")
+    return [[template.format(name.replace("_", " ")) for template in templates] for name in names]
+
+
+@torch.no_grad()
+def encode_prompts(
+    text_encoder: torch.nn.Module,
+    tokenizer,
+    names: Sequence[str],
+    templates: Sequence[str] = ("a photo of a {}.",),
+    max_length: int | None = None,
+    batch_size: int = 256,
+    show_progress: bool = True,
+) -> torch.Tensor:
+    r"""
+    Embeds each name as the mean over `templates` of CLIP's pooled text output (the final-LayerNorm state at the EOS
+    token, no projection), as VPD's class and scene embeddings are made.
+
+    Returns:
+        `(len(names), hidden_size)` float32 tensor on the text encoder's device.
+    """
+    prompts = format_prompts(names, templates)
+    flat = [prompt for group in prompts for prompt in group]
+    max_length = max_length or tokenizer.model_max_length
+    device = next(text_encoder.parameters()).device
+    pooled = []
+    for start in tqdm(range(0, len(flat), batch_size), desc="Embedding prompts", disable=not show_progress):
+        tokens = tokenizer(
+            flat[start : start + batch_size],
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        output = text_encoder(input_ids=tokens.input_ids.to(device))
+        pooled.append(output.pooler_output.float())
+    embeddings = torch.cat(pooled).unflatten(0, (len(prompts), len(prompts[0])))
+    return embeddings.mean(dim=1)
+
+
+__all__ = ["CLIP_IMAGENET_TEMPLATES", "NYU_PROMPT_MAX_LENGTH", "NYU_SCENE_NAMES", "encode_prompts", "format_prompts"]

@@ -1,0 +1,213 @@
+"""Tiny, randomly initialised Stable Diffusion components and VPD configs, built offline.
+
+They keep the Stable Diffusion block layout (so every VPD tap and attention level exists) at a few hundred
+kilobytes, and are what the tests, the offline demo and the CI benchmark smoke runs use. `save_tiny_stable_diffusion`
+writes a folder in the Hub's diffusers layout (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`,
+`model_index.json`), which `from_stable_diffusion` reads exactly like a downloaded checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64, 64, 64],
+    "layers_per_block": 2,
+    "cross_attention_dim": 32,
+    "attention_head_dim": 4,
+    "norm_num_groups": 16,
+}
+
+TINY_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [16, 16, 32, 32],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+    "scaling_factor": 0.18215,
+}
+
+TINY_DEPTH_HEAD: dict[str, Any] = {
+    "depth_neck_channels": 64,
+    "depth_head_channels": 16,
+    "depth_deconv_filters": [8, 8, 8],
+    "depth_deconv_kernels": [2, 2, 2],
+}
+
+# A small vocabulary for the offline CLIP tokenizer: CLIP's byte-level alphabet plus whole words for these.
+_TINY_WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "an",
+    "in",
+    "and",
+    "my",
+    "on",
+    "one",
+    "room",
+    "with",
+    "bathroom",
+    "kitchen",
+    "bedroom",
+    "office",
+    "study",
+    "living",
+    "dining",
+    "printer",
+    "conference",
+    "home",
+    "indoor",
+    "balcony",
+    "laundry",
+    "basement",
+    "foyer",
+    "storage",
+    "cafe",
+    "furniture",
+    "store",
+    "student",
+    "lounge",
+    "reception",
+    "computer",
+    "lab",
+    "classroom",
+    "bookstore",
+    "man",
+    "woman",
+    "red",
+    "blue",
+    "green",
+    "shirt",
+    "left",
+    "right",
+    "small",
+    "large",
+]
+
+
+def tiny_vpd_config(**overrides: Any):
+    """A `VPDConfig` with the tiny UNet/VAE/depth head (27 prompts of width 32 unless overridden)."""
+    from .configuration_vpd import VPDConfig
+
+    kwargs = {"unet_config": dict(TINY_UNET_CONFIG), "vae_config": dict(TINY_VAE_CONFIG), **TINY_DEPTH_HEAD}
+    kwargs.update(overrides)
+    return VPDConfig(**kwargs)
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable characters byte-level BPE uses for the bytes 0-255 (printable ASCII/Latin-1 map to
+    themselves, the rest to code points from 256 up)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return [table[byte] for byte in range(256)]
+
+
+def save_tiny_clip_tokenizer(directory: str | Path) -> Path:
+    """Writes a CLIP BPE tokenizer (`vocab.json`, `merges.txt`, configs) in the layout of SD's `tokenizer/`."""
+    from transformers import CLIPTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    alphabet = _byte_alphabet()
+    vocab_tokens = alphabet + [char + "</w>" for char in alphabet]
+    merges: list[str] = []
+    for word in _TINY_WORDS:
+        # Merge left to right: w o r d</w> -> wo r d</w> -> wor d</w> -> word</w>.
+        pieces = [*list(word[:-1]), word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merge = f"{pieces[0]} {pieces[1]}"
+            if merge not in merges:
+                merges.append(merge)
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            if pieces[0] not in vocab_tokens:
+                vocab_tokens.append(pieces[0])
+    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(vocab_tokens)}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77)
+    tokenizer.save_pretrained(directory)
+    # Stable Diffusion repos ship the slow-tokenizer files only (vocab.json + merges.txt, no tokenizer.json).
+    (directory / "tokenizer.json").unlink(missing_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return directory
+
+
+def tiny_clip_text_config(vocab_size: int, hidden_size: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=hidden_size,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+
+
+def save_tiny_stable_diffusion(directory: str | Path, seed: int = 0) -> Path:
+    """Writes a tiny random Stable Diffusion checkpoint in the diffusers Hub layout and returns its path."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**TINY_UNET_CONFIG).save_pretrained(directory / "unet")
+    AutoencoderKL(**TINY_VAE_CONFIG).save_pretrained(directory / "vae")
+    save_tiny_clip_tokenizer(directory / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
+    config = tiny_clip_text_config(len(tokenizer), hidden_size=TINY_UNET_CONFIG["cross_attention_dim"])
+    CLIPTextModel(config).save_pretrained(directory / "text_encoder")
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
+        directory / "scheduler"
+    )
+    model_index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (directory / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    return directory
+
+
+__all__ = [
+    "TINY_DEPTH_HEAD",
+    "TINY_UNET_CONFIG",
+    "TINY_VAE_CONFIG",
+    "save_tiny_clip_tokenizer",
+    "save_tiny_stable_diffusion",
+    "tiny_clip_text_config",
+    "tiny_vpd_config",
+]

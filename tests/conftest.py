@@ -1,0 +1,54 @@
+"""Test setup: everything offline, Hugging Face caches in a temporary folder, tiny models built from configs."""
+
+import os
+import tempfile
+
+# Set before transformers/diffusers/datasets/evaluate are imported anywhere: no test may reach the Hub.
+_HF_HOME = tempfile.mkdtemp(prefix="vpd_hf_tests_hf_home_")
+os.environ.update(
+    HF_HOME=_HF_HOME,
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    HF_EVALUATE_OFFLINE="1",
+    HF_HUB_DISABLE_TELEMETRY="1",
+    TOKENIZERS_PARALLELISM="false",
+)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import vpd_hf  # noqa: E402
+from vpd_hf.testing_utils import save_tiny_stable_diffusion, tiny_vpd_config  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny random Stable Diffusion checkpoint in the Hub's diffusers layout."""
+    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd"), seed=0)
+
+
+@pytest.fixture
+def depth_config():
+    return tiny_vpd_config()
+
+
+@pytest.fixture
+def depth_model(depth_config):
+    torch.manual_seed(0)
+    model = vpd_hf.VPDModelForDepthEstimation(depth_config).eval()
+    # Give the prompt table distinct rows (a fresh model has zeros) so conditioning is observable.
+    model.vpd.prompt_embeddings.normal_(generator=torch.Generator().manual_seed(1))
+    return model
+
+
+@pytest.fixture
+def make_pixels():
+    """`make_pixels(*shape, seed=0)`: reproducible images in [-1, 1]."""
+
+    def make(*shape, seed=0):
+        return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+    return make

@@ -1,0 +1,60 @@
+"""The README's commands, CI and the package metadata agree."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands():
+    return re.findall(r"```bash\n(.+?)\n```", (ROOT / "README.md").read_text())
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    commands = readme_commands()
+    test_command = next(c for c in commands if "pytest" in c)
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert test_command in ci_lines
+    assert commands[0].startswith("python3 -m venv") and commands[0].endswith("python scripts/depth_demo.py")
+    # The CPU torch is installed before the package, so that pip keeps it.
+    for command in commands[:2]:
+        assert command.index("pip install torch==2.13.0") < command.index("pip install -e")
+
+
+def test_bundled_photo_ships_with_the_package():
+    from vpd_hf.examples import example_image_path
+
+    assert example_image_path().is_file()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'vpd_hf = ["assets/*"]' in pyproject
+
+
+def test_import_registers_the_auto_classes():
+    from transformers import CONFIG_MAPPING, AutoModelForDepthEstimation
+
+    import vpd_hf
+
+    assert CONFIG_MAPPING["vpd"] is vpd_hf.VPDConfig
+    assert AutoModelForDepthEstimation._model_mapping[vpd_hf.VPDConfig] is vpd_hf.VPDModelForDepthEstimation
+
+
+@pytest.mark.parametrize("script", ["depth_demo.py"])
+def test_demo_script_runs_offline(script, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), "--output", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "random weights" in result.stderr
+    from PIL import Image
+
+    color = Image.open(out / "depth_color.png")
+    depth16 = Image.open(out / "depth_16bit.png")
+    assert color.size == (600, 400) and color.mode == "RGB"
+    assert depth16.size == (600, 400) and depth16.mode.startswith("I")
+    assert (out / "vpd-depth" / "model.safetensors").is_file() and (out / "vpd-depth" / "config.json").is_file()
