@@ -58,3 +58,21 @@ def test_demo_script_runs_offline(script, tmp_path):
     assert color.size == (600, 400) and color.mode == "RGB"
     assert depth16.size == (600, 400) and depth16.mode.startswith("I")
     assert (out / "vpd-depth" / "model.safetensors").is_file() and (out / "vpd-depth" / "config.json").is_file()
+
+
+def test_benchmark_harness_smoke(tmp_path):
+    """The harness runs end to end on the tiny model (timings are recorded in BENCHMARKS.md, never asserted)."""
+    import json
+
+    report_path = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--size", "tiny", "--resolution", "64",
+         "--dtypes", "fp32", "--repeats", "1", "--warmup", "0", "--json", str(report_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| fp32 |" in result.stdout
+    report = json.loads(report_path.read_text())
+    run = report["runs"]["fp32"]
+    assert {"bare", "model", "pipeline"} <= run.keys() and all(run[k]["median_s"] > 0 for k in ("bare", "model"))
+    assert report["environment"]["torch"] and report["command"].startswith("benchmark.py")

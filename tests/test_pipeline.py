@@ -67,6 +67,13 @@ def test_pipeline_batches_images_of_different_sizes(vpd_folder):
     assert [tuple(r["predicted_depth"].shape) for r in results] == [(400, 600), (300, 200), (400, 600)]
 
 
+def test_pipeline_in_bfloat16(vpd_folder):
+    estimator = pipeline("depth-estimation", model=str(vpd_folder), dtype=torch.bfloat16)
+    assert estimator.model.dtype == torch.bfloat16
+    depth = estimator(load_example_image())["predicted_depth"]
+    assert depth.dtype == torch.float32 and depth.shape == (400, 600) and torch.isfinite(depth).all()
+
+
 def test_pipeline_on_a_path(vpd_folder):
     from vpd_hf.examples import example_image_path
 

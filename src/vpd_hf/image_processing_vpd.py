@@ -254,7 +254,7 @@ class VPDImageProcessor(PilBackend):
         `target_sizes[i] = (height, width)` (e.g. the original image size).
 
         Returns:
-            One `{"predicted_depth": (H, W) tensor}` per image.
+            One `{"predicted_depth": (H, W) float32 tensor}` per image, whatever the model's dtype.
         """
         predicted_depth = outputs["predicted_depth"] if isinstance(outputs, dict) else outputs.predicted_depth
         if predicted_depth is None or predicted_depth.ndim != 3:
@@ -263,12 +263,12 @@ class VPDImageProcessor(PilBackend):
         sizes = self._check_target_sizes(target_sizes, predicted_depth.shape[0])
         results = []
         for index, (depth, size) in enumerate(zip(predicted_depth, sizes, strict=True)):
-            depth = self._unpad(depth, None if pixel_mask is None else pixel_mask[index])
+            depth = self._unpad(depth, None if pixel_mask is None else pixel_mask[index]).float()
             if size is not None and tuple(depth.shape) != size:
                 antialias = size[0] < depth.shape[0] or size[1] < depth.shape[1]
                 depth = F.interpolate(
-                    depth[None, None].float(), size=size, mode="bilinear", align_corners=False, antialias=antialias
-                )[0, 0].to(depth.dtype)
+                    depth[None, None], size=size, mode="bilinear", align_corners=False, antialias=antialias
+                )[0, 0]
             results.append({"predicted_depth": depth})
         return results
 
