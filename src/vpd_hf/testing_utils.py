@@ -14,30 +14,24 @@ from typing import Any
 
 import torch
 
+from .configuration_vpd import SD15_UNET_CONFIG, SD15_VAE_CONFIG, VPDConfig
+
+# The Stable Diffusion 1.5 layouts at small widths (every block, tap and attention level of the real model exists).
 TINY_UNET_CONFIG: dict[str, Any] = {
+    **SD15_UNET_CONFIG,
     "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "block_out_channels": [32, 64, 64, 64],
-    "layers_per_block": 2,
     "cross_attention_dim": 32,
     "attention_head_dim": 4,
     "norm_num_groups": 16,
 }
 
 TINY_VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    **SD15_VAE_CONFIG,
     "block_out_channels": [16, 16, 32, 32],
     "layers_per_block": 1,
-    "latent_channels": 4,
     "norm_num_groups": 8,
     "sample_size": 64,
-    "scaling_factor": 0.18215,
 }
 
 TINY_DEPTH_HEAD: dict[str, Any] = {
@@ -102,7 +96,6 @@ _TINY_WORDS = [
 
 def tiny_vpd_config(**overrides: Any):
     """A `VPDConfig` with the tiny UNet/VAE/depth head (27 prompts of width 32 unless overridden)."""
-    from .configuration_vpd import VPDConfig
 
     kwargs = {"unet_config": dict(TINY_UNET_CONFIG), "vae_config": dict(TINY_VAE_CONFIG), **TINY_DEPTH_HEAD}
     kwargs.update(overrides)
