@@ -147,3 +147,14 @@ def test_round_trip_through_auto_image_processor(tmp_path):
     image = rgb_array(100, 120)
     assert torch.equal(loaded(images=image, return_tensors="pt").pixel_values,
                        processor(images=image, return_tensors="pt").pixel_values)  # fmt: skip
+
+
+def test_task_presets():
+    seg = VPDImageProcessor.for_task("segmentation")
+    assert dict(seg.size) == {"shortest_edge": 512, "longest_edge": 2048} and seg.do_reduce_labels
+    out = seg(images=np.zeros((600, 800, 3), np.uint8), return_tensors="pt")
+    assert int(out.pixel_mask[0].any(1).sum()) == 512 and int(out.pixel_mask[0].any(0).sum()) == 683
+    depth = VPDImageProcessor.for_task("depth", size_divisor=32)
+    assert dict(depth.size) == {"shortest_edge": 480, "longest_edge": 640} and depth.size_divisor == 32
+    with pytest.raises(ValueError, match="`task` must be one of"):
+        VPDImageProcessor.for_task("panoptic")

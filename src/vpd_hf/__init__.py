@@ -9,27 +9,45 @@ from __future__ import annotations
 
 import logging as _logging
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForDepthEstimation
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForDepthEstimation,
+    AutoModelForSemanticSegmentation,
+)
 from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING
 
 from .configuration_vpd import SD15_UNET_CONFIG, SD15_VAE_CONFIG, VPDConfig
 from .image_processing_vpd import VPDImageProcessor
-from .metrics import DepthMetric, DepthMetricAccumulator, compute_depth_metrics
+from .inference import sliding_window_logits, test_time_logits
+from .metrics import (
+    DepthMetric,
+    DepthMetricAccumulator,
+    MeanIoU,
+    MeanIoUAccumulator,
+    compute_depth_metrics,
+    compute_mean_iou,
+)
 from .modeling_vpd import (
     VPDBackboneOutput,
     VPDDepthEstimatorOutput,
     VPDModel,
     VPDModelForDepthEstimation,
+    VPDModelForSegmentation,
+    VPDModelForSemanticSegmentation,
     VPDPreTrainedModel,
+    VPDSemanticSegmenterOutput,
 )
-from .prompts import CLIP_IMAGENET_TEMPLATES, NYU_SCENE_NAMES, encode_prompts
-from .visualization import colorize_depth, depth_to_uint16_png
+from .prompts import ADE20K_CLASS_NAMES, CLIP_IMAGENET_TEMPLATES, NYU_SCENE_NAMES, encode_prompts
+from .visualization import colorize_depth, depth_to_uint16_png, overlay_segmentation, segmentation_palette
 
 __version__ = "0.1.0.dev0"
 
 AutoConfig.register(VPDConfig.model_type, VPDConfig, exist_ok=True)
 AutoModel.register(VPDConfig, VPDModel, exist_ok=True)
 AutoModelForDepthEstimation.register(VPDConfig, VPDModelForDepthEstimation, exist_ok=True)
+AutoModelForSemanticSegmentation.register(VPDConfig, VPDModelForSegmentation, exist_ok=True)
 AutoImageProcessor.register(VPDConfig, image_processor_classes={"pil": VPDImageProcessor}, exist_ok=True)
 # VPD has no video processor. Declaring that (an empty mapping) matters: transformers' pipelines probe for one, derive
 # a remote-code reference from the image processor's `auto_map`, and without a local entry ask the user whether to
@@ -40,6 +58,7 @@ VIDEO_PROCESSOR_MAPPING.register(VPDConfig, {}, exist_ok=True)
 VPDConfig.register_for_auto_class()
 VPDModel.register_for_auto_class("AutoModel")
 VPDModelForDepthEstimation.register_for_auto_class("AutoModelForDepthEstimation")
+VPDModelForSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 VPDImageProcessor.register_for_auto_class()
 
 
@@ -55,21 +74,32 @@ class _RegisteredVPDModelFilter(_logging.Filter):
 _logging.getLogger("transformers.pipelines.base").addFilter(_RegisteredVPDModelFilter())
 
 __all__ = [
+    "ADE20K_CLASS_NAMES",
     "CLIP_IMAGENET_TEMPLATES",
     "NYU_SCENE_NAMES",
     "SD15_UNET_CONFIG",
     "SD15_VAE_CONFIG",
     "DepthMetric",
     "DepthMetricAccumulator",
+    "MeanIoU",
+    "MeanIoUAccumulator",
     "VPDBackboneOutput",
     "VPDConfig",
     "VPDDepthEstimatorOutput",
     "VPDImageProcessor",
     "VPDModel",
     "VPDModelForDepthEstimation",
+    "VPDModelForSegmentation",
+    "VPDModelForSemanticSegmentation",
     "VPDPreTrainedModel",
+    "VPDSemanticSegmenterOutput",
     "colorize_depth",
     "compute_depth_metrics",
+    "compute_mean_iou",
     "depth_to_uint16_png",
     "encode_prompts",
+    "overlay_segmentation",
+    "segmentation_palette",
+    "sliding_window_logits",
+    "test_time_logits",
 ]

@@ -39,6 +39,7 @@ SD15_VAE_CONFIG: dict[str, Any] = {
 # (latent strides 1, 2 and 4, i.e. image strides 8, 16 and 32). The 8x8 mid block is never used.
 ATTENTION_RESOLUTIONS = (64, 32, 16)
 LATENT_SCALING_OPTIONS = ("scaling_factor",)
+SEMANTIC_INFERENCE_MODES = ("whole", "slide")
 _DEPTH_GROUP_NORM_GROUPS = 16
 _DECONV_KERNELS = (2, 3, 4)
 
@@ -117,6 +118,30 @@ class VPDConfig(PreTrainedConfig):
             Kernel sizes of those transposed convolutions (2, 3 or 4).
         silog_lambda (`float`, *optional*, defaults to 0.5):
             Variance weight of the scale-invariant log loss.
+        fpn_channels (`int`, *optional*, defaults to 256):
+            Output channels of the segmentation FPN neck (one map per UNet level).
+        semantic_head_channels (`int`, *optional*, defaults to 256):
+            Channels of the Semantic FPN head's scale heads.
+        semantic_classifier_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout2d before the segmentation classifier.
+        semantic_loss_ignore_index (`int`, *optional*, defaults to 255):
+            Label value ignored by the segmentation loss (and used to pad label maps).
+        semantic_loss_avg_non_ignore (`bool`, *optional*, defaults to `False`):
+            Average the cross-entropy over non-ignored pixels only (PyTorch's and transformers' convention). The
+            default follows mmsegmentation 0.x, which VPD used: ignored pixels add zero loss but count in the mean.
+        semantic_inference_mode (`str`, *optional*, defaults to `"whole"`):
+            What an eval-mode forward without labels does: `"whole"` (one pass, logits at 1/8 resolution) or `"slide"`
+            (the official test procedure: overlapping `semantic_inference_crop_size` windows at
+            `semantic_inference_stride`, logits averaged where windows overlap, returned at the input resolution).
+        semantic_inference_crop_size (`int`, *optional*, defaults to 512):
+            Side of the sliding windows.
+        semantic_inference_stride (`int`, *optional*, defaults to 341):
+            Step between sliding windows.
+        semantic_inference_scales (`list[float]`, *optional*, defaults to `[1.0]`):
+            Test-time scales (the paper's multi-scale test uses 1.0, 1.125, 1.25, 1.375, 1.5); with several scales or
+            `semantic_inference_flip`, softmax probabilities are averaged and their log is returned as logits.
+        semantic_inference_flip (`bool`, *optional*, defaults to `False`):
+            Also average the horizontally flipped image's prediction.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal used for the depth neck.
     """
@@ -140,6 +165,16 @@ class VPDConfig(PreTrainedConfig):
     depth_deconv_filters: list[int] | tuple[int, ...] = (32, 32, 32)
     depth_deconv_kernels: list[int] | tuple[int, ...] = (2, 2, 2)
     silog_lambda: float | int = 0.5
+    fpn_channels: int = 256
+    semantic_head_channels: int = 256
+    semantic_classifier_dropout: float | int = 0.1
+    semantic_loss_ignore_index: int = 255
+    semantic_loss_avg_non_ignore: bool = False
+    semantic_inference_mode: str = "whole"
+    semantic_inference_crop_size: int = 512
+    semantic_inference_stride: int = 341
+    semantic_inference_scales: list[float] | tuple[float, ...] = (1.0,)
+    semantic_inference_flip: bool = False
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -152,6 +187,7 @@ class VPDConfig(PreTrainedConfig):
         self._validate_prompts(cross_attention_dim)
         self._validate_backbone()
         self._validate_depth_head()
+        self._validate_segmentation()
         super().__post_init__(**kwargs)
 
     # -- validation -----------------------------------------------------------------------------------------------
@@ -268,6 +304,42 @@ class VPDConfig(PreTrainedConfig):
         lam = self.silog_lambda
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 1:
             raise ValueError(f"`silog_lambda` must be a number in [0, 1], got {lam!r}.")
+
+    def _validate_segmentation(self) -> None:
+        for name in (
+            "fpn_channels",
+            "semantic_head_channels",
+            "semantic_inference_crop_size",
+            "semantic_inference_stride",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        dropout = self.semantic_classifier_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"`semantic_classifier_dropout` must be a number in [0, 1), got {dropout!r}.")
+        ignore = self.semantic_loss_ignore_index
+        if not isinstance(ignore, int) or isinstance(ignore, bool):
+            raise ValueError(f"`semantic_loss_ignore_index` must be an integer, got {ignore!r}.")
+        for name in ("semantic_loss_avg_non_ignore", "semantic_inference_flip"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+        if self.semantic_inference_mode not in SEMANTIC_INFERENCE_MODES:
+            raise ValueError(
+                f"`semantic_inference_mode` must be one of {list(SEMANTIC_INFERENCE_MODES)}, "
+                f"got {self.semantic_inference_mode!r}."
+            )
+        scales = self.semantic_inference_scales
+        if (
+            isinstance(scales, (str, bytes))
+            or not hasattr(scales, "__iter__")
+            or not list(scales)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in scales)
+        ):
+            raise ValueError(
+                f"`semantic_inference_scales` must be a non-empty list of positive numbers, got {scales!r}."
+            )
+        self.semantic_inference_scales = [float(v) for v in scales]
 
     # -- derived quantities ---------------------------------------------------------------------------------------
 

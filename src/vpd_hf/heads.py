@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # (kind, std): "trunc_normal" / "normal" draw the weight and zero the bias, "norm" resets a normalisation layer,
-# "torch_default" re-applies PyTorch's default `nn.Linear` / `nn.Conv2d` initialisation.
+# "torch_default" re-applies PyTorch's default `nn.Linear` initialisation, "xavier_uniform" and "kaiming_fan_out"
+# (He normal, fan-out, for ReLU) are mmcv's defaults for FPN necks and ConvModules.
 InitSpec = tuple[str, float | None]
 
 
@@ -157,4 +158,81 @@ class VPDDepthHead(nn.Module):
         return depth[:, 0, :height, :width]
 
 
-__all__ = ["VPDDepthDecoder", "VPDDepthHead", "VPDDepthNeck", "tag_init"]
+class ConvBNReLU(nn.Module):
+    """conv3x3 (no bias) + BatchNorm + ReLU, named `conv` / `bn` like mmcv's ConvModule (eases checkpoint conversion)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = tag_init(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), "kaiming_fan_out")
+        self.bn = tag_init(nn.BatchNorm2d(out_channels), "norm")
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(hidden_states)))
+
+
+class VPDFPNNeck(nn.Module):
+    r"""
+    Feature pyramid (mmsegmentation's `FPN` with `num_outs = 4`, no norm/activation): 1x1 lateral convs to
+    `out_channels`, top-down nearest-upsampling sums, then a 3x3 conv per level.
+
+    Input: four maps `(B, C_i, H_i, W_i)` (VPD: UNet channels plus attention-map channels); output: four
+    `(B, out_channels, H_i, W_i)` maps.
+    """
+
+    def __init__(self, in_channels: list[int], out_channels: int = 256) -> None:
+        super().__init__()
+        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
+        self.fpn_convs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
+        _tag_tree(self, ("xavier_uniform", None))
+
+    def forward(self, features: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        laterals = [conv(feature) for conv, feature in zip(self.lateral_convs, features, strict=True)]
+        for level in range(len(laterals) - 1, 0, -1):
+            laterals[level - 1] = laterals[level - 1] + F.interpolate(
+                laterals[level], size=laterals[level - 1].shape[-2:], mode="nearest"
+            )
+        return [conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals, strict=True)]
+
+
+class VPDSemanticFPNHead(nn.Module):
+    r"""
+    Semantic FPN decoder (Kirillov et al.; mmsegmentation's `FPNHead`): level `i` goes through `max(1, i)` x
+    [ConvBNReLU + bilinear x2 upsampling (none on level 0)] to the finest level, the four are summed, then Dropout2d and
+    a 1x1 classifier.
+
+    Input: four `(B, in_channels, H_i, W_i)` maps, finest first; output: logits `(B, num_labels, H_0, W_0)` (1/8 of the
+    image for VPD).
+    """
+
+    def __init__(
+        self, num_labels: int, in_channels: int = 256, channels: int = 256, num_levels: int = 4, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.scale_heads = nn.ModuleList()
+        for level in range(num_levels):
+            layers: list[nn.Module] = []
+            for k in range(max(1, level)):
+                layers.append(ConvBNReLU(in_channels if k == 0 else channels, channels))
+                if level > 0:
+                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            self.scale_heads.append(nn.Sequential(*layers))
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = tag_init(nn.Conv2d(channels, num_labels, 1), "normal", 0.01)
+
+    def forward(self, features: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        output = self.scale_heads[0](features[0])
+        for head, feature in zip(self.scale_heads[1:], features[1:], strict=True):
+            output = output + F.interpolate(head(feature), size=output.shape[-2:], mode="bilinear", align_corners=False)
+        return self.conv_seg(self.dropout(output))
+
+
+__all__ = [
+    "ConvBNReLU",
+    "VPDDepthDecoder",
+    "VPDDepthHead",
+    "VPDDepthNeck",
+    "VPDFPNNeck",
+    "VPDSemanticFPNHead",
+    "tag_init",
+]

@@ -15,7 +15,9 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import ChannelDimension, PILImageResampling, SizeDict, infer_channel_dimension_format
 from transformers.processing_utils import ImagesKwargs, Unpack
 
-from .visualization import colorize_depth, depth_to_uint16_png
+from .visualization import colorize_depth, depth_to_uint16_png, overlay_segmentation
+
+IGNORE_INDEX = 255  # label of ignored pixels: padding, reduced "other" class
 
 
 class VPDImageProcessorKwargs(ImagesKwargs, total=False):
@@ -23,9 +25,13 @@ class VPDImageProcessorKwargs(ImagesKwargs, total=False):
     size_divisor (`int`, *optional*, defaults to 64):
         With `do_pad`, images are zero-padded at the bottom and right to a common size that is a multiple of this value
         (64 keeps every UNet level of Stable Diffusion integer-sized).
+    do_reduce_labels (`bool`, *optional*, defaults to `False`):
+        For segmentation maps whose 0 means "other" (ADE20K): 0 becomes 255 (ignored) and every other label k
+        becomes k - 1.
     """
 
     size_divisor: int
+    do_reduce_labels: bool
 
 
 def _resize_plane(plane: np.ndarray, size: tuple[int, int], resample: PILImageResampling) -> np.ndarray:
@@ -83,11 +89,106 @@ class VPDImageProcessor(PilBackend):
     image_std = [0.5, 0.5, 0.5]
     do_pad = True
     size_divisor = 64
+    do_reduce_labels = False
 
     def __init__(self, **kwargs: Unpack[VPDImageProcessorKwargs]) -> None:
         super().__init__(**kwargs)
 
+    # The official pre-processing of each task's data.
+    TASK_PRESETS: dict[str, dict[str, Any]] = {
+        # NYUv2 frames are 480x640; any photo is brought to that framing.
+        "depth": {"size": {"shortest_edge": 480, "longest_edge": 640}},
+        # ADE20K test resize: img_scale (2048, 512) with keep_ratio; annotations use 0 for "other".
+        "segmentation": {"size": {"shortest_edge": 512, "longest_edge": 2048}, "do_reduce_labels": True},
+    }
+
+    @classmethod
+    def for_task(cls, task: str, **overrides: Any) -> VPDImageProcessor:
+        """The processor with the official pre-processing of `task` (see `TASK_PRESETS`), plus `overrides`."""
+        if task not in cls.TASK_PRESETS:
+            raise ValueError(f"`task` must be one of {sorted(cls.TASK_PRESETS)}, got {task!r}.")
+        return cls(**{**cls.TASK_PRESETS[task], **overrides})
+
     # -- pre-processing -------------------------------------------------------------------------------------------------
+
+    def preprocess(self, images: Any, segmentation_maps: Any = None, **kwargs: Any) -> BatchFeature:
+        r"""
+        Args:
+            images: one image or a list (PIL, NumPy or torch; see the class docstring).
+            segmentation_maps: optional label maps, one per image and of its size (PIL "L"/"P"/"I" images or integer
+                arrays `(H, W)`); they are resized with nearest-neighbour sampling to the image's processed size,
+                padded with 255 and returned as `labels` `(B, H, W)` int64.
+            kwargs: per-call overrides of the processor's attributes (`size`, `do_pad`, `do_reduce_labels`, ...).
+        """
+        return super().preprocess(images, segmentation_maps, **kwargs)
+
+    def _preprocess_image_like_inputs(self, images: Any, segmentation_maps: Any = None, **kwargs: Any) -> BatchFeature:
+        prepared = self._prepare_image_like_inputs(images, **kwargs)
+        batch = self._preprocess(prepared, **kwargs)
+        if segmentation_maps is not None:
+            maps = segmentation_maps if isinstance(segmentation_maps, (list, tuple)) else [segmentation_maps]
+            if len(maps) != len(prepared):
+                raise ValueError(f"Got {len(maps)} `segmentation_maps` for {len(prepared)} images.")
+            sizes = [image.shape[-2:] for image in prepared]
+            labels = [
+                self._process_label_map(label_map, size, index, **kwargs)
+                for index, (label_map, size) in enumerate(zip(maps, sizes, strict=True))
+            ]
+            if kwargs.get("do_pad"):
+                height, width = batch["pixel_values"][0].shape[-2:]
+                labels = [
+                    np.pad(
+                        label, ((0, height - label.shape[0]), (0, width - label.shape[1])), constant_values=IGNORE_INDEX
+                    )
+                    for label in labels
+                ]
+            batch["labels"] = labels
+            batch.convert_to_tensors(tensor_type=kwargs.get("return_tensors"))
+        return batch
+
+    def _process_label_map(
+        self,
+        label_map: Any,
+        image_size: tuple[int, int],
+        index: int,
+        do_resize: bool = True,
+        size: SizeDict | None = None,
+        do_reduce_labels: bool = False,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """One label map -> int64 `(H, W)` at the processed size of its image (before padding)."""
+        if isinstance(label_map, Image.Image):
+            label_map = np.asarray(label_map)
+        elif isinstance(label_map, torch.Tensor):
+            label_map = label_map.detach().cpu().numpy()
+        if not isinstance(label_map, np.ndarray):
+            raise TypeError(
+                f"`segmentation_maps[{index}]` must be a PIL image, NumPy array or torch tensor, "
+                f"got {type(label_map).__name__}."
+            )
+        if label_map.ndim == 3 and 1 in (label_map.shape[0], label_map.shape[-1]):
+            label_map = label_map.reshape(label_map.shape[-2:] if label_map.shape[0] == 1 else label_map.shape[:2])
+        if label_map.ndim != 2 or not np.issubdtype(label_map.dtype, np.integer):
+            raise ValueError(
+                f"`segmentation_maps[{index}]` must be an integer (H, W) label map, got dtype {label_map.dtype} and "
+                f"shape {label_map.shape}."
+            )
+        if tuple(label_map.shape) != tuple(image_size):
+            raise ValueError(
+                f"`segmentation_maps[{index}]` has size {tuple(label_map.shape)} but its image has {tuple(image_size)}."
+            )
+        if label_map.min() < 0:
+            raise ValueError(f"`segmentation_maps[{index}]` has negative labels.")
+        label_map = label_map.astype(np.int64)
+        if do_reduce_labels:
+            label_map = np.where(label_map == 0, IGNORE_INDEX, label_map - 1)
+            label_map[label_map == IGNORE_INDEX - 1] = IGNORE_INDEX
+        if do_resize:
+            new_size = _target_size(label_map.shape[0], label_map.shape[1], size)
+            if new_size != label_map.shape:
+                resized = Image.fromarray(label_map.astype(np.int32)).resize(new_size[::-1], Image.Resampling.NEAREST)
+                label_map = np.asarray(resized).astype(np.int64)
+        return label_map
 
     def _prepare_images_structure(self, images: Any, expected_ndims: int = 3) -> list:
         try:
@@ -272,7 +373,49 @@ class VPDImageProcessor(PilBackend):
             results.append({"predicted_depth": depth})
         return results
 
+    def post_process_semantic_segmentation(
+        self,
+        outputs: Any,
+        target_sizes: torch.Tensor | Sequence[tuple[int, int]] | None = None,
+    ) -> list[torch.Tensor]:
+        r"""
+        Per-image label maps from `outputs.logits` (transformers' contract): logits are brought to the input grid
+        (x8 for single-pass logits), the padding of each image removed (using `outputs.pixel_mask`), resized
+        bilinearly to `target_sizes[i]` when given, and arg-maxed.
+
+        Returns:
+            One `(H, W)` int64 tensor of class indices per image.
+        """
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+        if logits is None or logits.ndim != 4:
+            raise ValueError("`outputs.logits` must be a (batch, num_labels, height, width) tensor.")
+        pixel_mask = outputs.get("pixel_mask") if hasattr(outputs, "get") else getattr(outputs, "pixel_mask", None)
+        sizes = self._check_target_sizes(target_sizes, logits.shape[0])
+        results = []
+        for index, size in enumerate(sizes):
+            scores = logits[index : index + 1].float()
+            if pixel_mask is not None:
+                factor = max(1, round(pixel_mask.shape[-2] / scores.shape[-2]))
+                if factor > 1:
+                    scores = F.interpolate(scores, scale_factor=float(factor), mode="bilinear", align_corners=False)
+                scores = self._unpad(scores, pixel_mask[index])
+            if size is not None and tuple(scores.shape[-2:]) != size:
+                scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+            results.append(scores[0].argmax(dim=0))
+        return results
+
     # -- visualisation ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def visualize_segmentation(
+        image: Any,
+        segmentation: torch.Tensor | np.ndarray,
+        id2label: dict[int, str] | None = None,
+        alpha: float = 0.5,
+        legend: bool = True,
+    ) -> Image.Image:
+        """The image with a colour label overlay and a legend; see :func:`vpd_hf.visualization.overlay_segmentation`."""
+        return overlay_segmentation(image, segmentation, id2label=id2label, alpha=alpha, legend=legend)
 
     @staticmethod
     def visualize_depth(

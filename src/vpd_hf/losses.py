@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def scale_invariant_log_error(log_diff: torch.Tensor, lambd: float = 0.5, floor: float = 1e-12) -> torch.Tensor:
@@ -53,4 +54,32 @@ def silog_loss(
     return scale_invariant_log_error(torch.log(target[valid]) - torch.log(predicted[valid]), lambd)
 
 
-__all__ = ["scale_invariant_log_error", "silog_loss"]
+def semantic_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = 255,
+    avg_non_ignore: bool = False,
+    class_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""
+    Pixel-wise cross-entropy of `logits` `(B, C, H, W)` against integer `labels` `(B, H, W)`.
+
+    `avg_non_ignore=False` reproduces mmsegmentation 0.x (VPD's segmentation code): ignored pixels contribute zero
+    but count in the mean. `True` averages over the non-ignored pixels only, as `torch.nn.CrossEntropyLoss` (and
+    transformers' models) do; with `class_weight` that average is weighted, exactly as PyTorch's.
+    """
+    if logits.ndim != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(
+            f"`labels` must have shape {(logits.shape[0], *logits.shape[2:])} to match the logits, got {tuple(labels.shape)}."
+        )
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"`labels` must be an integer tensor of class indices, got {labels.dtype}.")
+    labels = labels.long()
+    weight = None if class_weight is None else class_weight.to(device=logits.device, dtype=torch.float32)
+    if avg_non_ignore:
+        return F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=ignore_index)
+    per_pixel = F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=ignore_index, reduction="none")
+    return per_pixel.mean()
+
+
+__all__ = ["scale_invariant_log_error", "semantic_cross_entropy", "silog_loss"]

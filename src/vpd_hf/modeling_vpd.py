@@ -16,14 +16,22 @@ from diffusers.models.autoencoders.vae import Encoder
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import DepthEstimatorOutput
+from transformers.modeling_outputs import DepthEstimatorOutput, SemanticSegmenterOutput
 from transformers.utils import ModelOutput
 
 from .attention import ForwardRecorder, attention_key, install_cross_attention_capture
 from .configuration_vpd import ATTENTION_RESOLUTIONS, VPDConfig
-from .heads import VPDDepthHead, tag_init
-from .losses import silog_loss
-from .prompts import CLIP_IMAGENET_TEMPLATES, NYU_PROMPT_MAX_LENGTH, NYU_SCENE_NAMES, encode_prompts
+from .heads import VPDDepthHead, VPDFPNNeck, VPDSemanticFPNHead, tag_init
+from .inference import test_time_logits
+from .losses import semantic_cross_entropy, silog_loss
+from .prompts import (
+    ADE20K_CLASS_NAMES,
+    ADE20K_PROMPT_TEMPLATE,
+    CLIP_IMAGENET_TEMPLATES,
+    NYU_PROMPT_MAX_LENGTH,
+    NYU_SCENE_NAMES,
+    encode_prompts,
+)
 
 # UNet modules whose outputs VPD reads (ldm output blocks 1, 4, 7; see the method notes, section 2.2). The 1/8 map is
 # the UNet's own output once its final norm and conv are removed.
@@ -36,6 +44,24 @@ def _feature_key(level: int) -> str:
 
 def _resolution_level(resolution: int) -> int:
     return ATTENTION_RESOLUTIONS.index(resolution)
+
+
+def _hub_kwargs(revision, variant, cache_dir, token, local_files_only) -> dict[str, Any]:
+    kwargs = dict(
+        revision=revision, variant=variant, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+    )
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
+def _check_pixel_mask(pixel_mask: torch.Tensor | None, pixel_values: torch.Tensor) -> None:
+    expected = (pixel_values.shape[0], *pixel_values.shape[-2:])
+    if pixel_mask is not None and tuple(pixel_mask.shape) != expected:
+        raise ValueError(f"`pixel_mask` must have shape {expected}, got {tuple(pixel_mask.shape)}.")
+
+
+def _valid_size(pixel_mask: torch.Tensor) -> tuple[int, int]:
+    """Height and width of the image region of one `(H, W)` pixel mask (images are padded at the bottom/right)."""
+    return int(pixel_mask.any(dim=1).sum()), int(pixel_mask.any(dim=0).sum())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -69,6 +95,23 @@ class VPDDepthEstimatorOutput(DepthEstimatorOutput):
     pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*):
         The `pixel_mask` the model was called with (1 on image pixels, 0 on padding), passed through so that
         `VPDImageProcessor.post_process_depth_estimation` can remove the padding of each image.
+    """
+
+    pixel_mask: torch.LongTensor | None = None
+
+
+@dataclass
+class VPDSemanticSegmenterOutput(SemanticSegmenterOutput):
+    r"""
+    loss (`torch.FloatTensor`, *optional*): cross-entropy, when `labels` are given.
+    logits (`torch.FloatTensor` of shape `(B, num_labels, h, w)`):
+        Class scores. From a single pass (training, `labels` given, or `semantic_inference_mode="whole"`): at 1/8 of
+        the input, cell `(i, j)` covering input pixels `[8i, 8i + 8) x [8j, 8j + 8)`. From the test-time procedure
+        (eval mode without labels, sliding windows and/or several views): at the input resolution.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*): the backbone feature maps, when `output_hidden_states`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*): the cross-attention maps, when `output_attentions`.
+    pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*):
+        The `pixel_mask` of the call (1 = image, 0 = padding), passed through for post-processing.
     """
 
     pixel_mask: torch.LongTensor | None = None
@@ -153,6 +196,7 @@ class VPDPreTrainedModel(PreTrainedModel):
         "UpBlock2D",
         "VPDVAEEncoder",
         "VPDDepthHead",
+        "VPDSemanticFPNHead",
     ]
 
     @torch.no_grad()
@@ -175,11 +219,15 @@ class VPDPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.running_mean)
                 init.ones_(module.running_var)
                 init.zeros_(module.num_batches_tracked)
-        elif kind in ("normal", "trunc_normal", "torch_default"):
+        elif kind in ("normal", "trunc_normal", "torch_default", "xavier_uniform", "kaiming_fan_out"):
             if kind == "normal":
                 init.normal_(module.weight, std=value)
             elif kind == "trunc_normal":
                 init.trunc_normal_(module.weight, std=value)
+            elif kind == "xavier_uniform":
+                init.xavier_uniform_(module.weight)
+            elif kind == "kaiming_fan_out":
+                init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             else:
                 init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
@@ -190,6 +238,12 @@ class VPDPreTrainedModel(PreTrainedModel):
                     init.zeros_(module.bias)
         else:
             raise ValueError(f"Unknown VPD init kind {kind!r} on {type(module).__name__}.")
+
+    def convert_sync_batchnorm(self, process_group: Any = None) -> VPDPreTrainedModel:
+        """Turns the heads' BatchNorm layers into `SyncBatchNorm` in place (for DDP training; same state-dict keys)."""
+        for name, child in list(self.named_children()):
+            setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(child, process_group))
+        return self
 
     # -- Stable Diffusion import --------------------------------------------------------------------------------------
 
@@ -487,10 +541,7 @@ class VPDModelForDepthEstimation(VPDPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         self.vpd._check_pixel_values(pixel_values)
         batch_size, _, height, width = pixel_values.shape
-        if pixel_mask is not None and tuple(pixel_mask.shape) != (batch_size, height, width):
-            raise ValueError(
-                f"`pixel_mask` must have shape {(batch_size, height, width)}, got {tuple(pixel_mask.shape)}."
-            )
+        _check_pixel_mask(pixel_mask, pixel_values)
         prompt_embeds = self.vpd.get_prompt_embeddings(scene_ids, batch_size)
         backbone = self.vpd(pixel_values=pixel_values, prompt_embeds=prompt_embeds)
         predicted_depth = self.head(backbone.feature_maps, (height, width))
@@ -552,16 +603,229 @@ class VPDModelForDepthEstimation(VPDPreTrainedModel):
                 "prompt_templates": templates,
             }
 
-        hub_kwargs = {
-            k: v
-            for k, v in dict(
-                revision=revision, variant=variant, cache_dir=cache_dir, token=token, local_files_only=local_files_only
-            ).items()
-            if v is not None
-        }
+        hub_kwargs = _hub_kwargs(revision, variant, cache_dir, token, local_files_only)
         return cls._build_from_stable_diffusion(
             pretrained_model_name_or_path, make_prompts, config_kwargs, hub_kwargs, dtype
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Semantic segmentation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class VPDModelForSegmentation(VPDPreTrainedModel):
+    r"""
+    VPD for semantic segmentation (ADE20K): the backbone conditioned on the whole class-prompt table (one token per
+    class, shared by the batch), the class tokens' cross-attention maps concatenated to the 1/16 and 1/32 features, an
+    FPN neck and a Semantic FPN head predicting logits at 1/8 of the image, and pixel-wise cross-entropy.
+
+    In eval mode and without labels, `forward` runs the configured test procedure (`config.semantic_inference_*`):
+    the official sliding windows of 512 every 341 pixels when `semantic_inference_mode="slide"`, and optionally
+    multi-scale and flip averaging, so that pipelines get the evaluation-quality prediction.
+    """
+
+    def __init__(self, config: VPDConfig) -> None:
+        super().__init__(config)
+        if config.num_prompts != config.num_labels:
+            raise ValueError(
+                f"Segmentation needs one class prompt per label: `num_prompts` is {config.num_prompts} but the config "
+                f"has {config.num_labels} labels (`id2label`)."
+            )
+        self.vpd = VPDModel(config)
+        self.neck = VPDFPNNeck(self.vpd.feature_channels(num_tokens=config.num_prompts), config.fpn_channels)
+        self.head = VPDSemanticFPNHead(
+            config.num_labels,
+            in_channels=config.fpn_channels,
+            channels=config.semantic_head_channels,
+            dropout=config.semantic_classifier_dropout,
+        )
+        self.post_init()
+
+    def _single_pass(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, VPDBackboneOutput]:
+        """Logits `(B, C, ceil(H / 8), ceil(W / 8))` of one pass, and the backbone output."""
+        height, width = pixel_values.shape[-2:]
+        backbone = self.vpd(pixel_values=pixel_values)
+        logits = self.head(self.neck(backbone.feature_maps))
+        return logits[..., : math.ceil(height / 8), : math.ceil(width / 8)], backbone
+
+    @staticmethod
+    def _to_input_resolution(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Bilinear x8 of 1/8 logits, cropped to the input `size` (exactly the input grid, also for sizes that are
+        not multiples of 8)."""
+        upsampled = F.interpolate(
+            logits, size=(logits.shape[-2] * 8, logits.shape[-1] * 8), mode="bilinear", align_corners=False
+        )
+        return upsampled[..., : size[0], : size[1]]
+
+    def dense_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """One pass, logits `(B, num_labels, H, W)` at the input resolution (the `logits_fn` of the test procedures)."""
+        logits, _ = self._single_pass(pixel_values)
+        return self._to_input_resolution(logits, pixel_values.shape[-2:])
+
+    def segmentation_logits(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        mode: str | None = None,
+        scales: Sequence[float] | None = None,
+        flip: bool | None = None,
+        crop_size: int | None = None,
+        stride: int | None = None,
+    ) -> torch.Tensor:
+        r"""
+        Test-time logits `(B, num_labels, H, W)` at the input resolution: sliding windows and/or multi-scale and flip
+        averaging (see `vpd_hf.inference.test_time_logits`) over each image's un-padded region (from `pixel_mask`);
+        padding gets 0. Arguments left as None take the `config.semantic_inference_*` values.
+        """
+        self.vpd._check_pixel_values(pixel_values)
+        _check_pixel_mask(pixel_mask, pixel_values)
+        config = self.config
+        options = {
+            "mode": config.semantic_inference_mode if mode is None else mode,
+            "scales": config.semantic_inference_scales if scales is None else scales,
+            "flip": config.semantic_inference_flip if flip is None else flip,
+            "crop_size": config.semantic_inference_crop_size if crop_size is None else crop_size,
+            "stride": config.semantic_inference_stride if stride is None else stride,
+        }
+        if pixel_mask is None:
+            return test_time_logits(self.dense_logits, pixel_values, **options)
+        output = None
+        sizes = [_valid_size(mask) for mask in pixel_mask]
+        for size in dict.fromkeys(sizes):  # images sharing a valid size are run together
+            index = [i for i, s in enumerate(sizes) if s == size]
+            region = pixel_values[index][..., : size[0], : size[1]]
+            logits = test_time_logits(self.dense_logits, region, **options)
+            if output is None:
+                output = logits.new_zeros((pixel_values.shape[0], logits.shape[1], *pixel_values.shape[-2:]))
+            output[index, :, : size[0], : size[1]] = logits
+        return output
+
+    def _uses_test_time_procedure(self) -> bool:
+        config = self.config
+        return (
+            config.semantic_inference_mode != "whole"
+            or config.semantic_inference_scales != [1.0]
+            or config.semantic_inference_flip
+        )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        pixel_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> VPDSemanticSegmenterOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): images in [-1, 1], any size.
+            labels (`torch.LongTensor` of shape `(B, H, W)`, *optional*):
+                Class indices in `[0, num_labels)`; `config.semantic_loss_ignore_index` (255) marks ignored pixels.
+            pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*):
+                1 on image pixels, 0 on padding: padding is ignored by the loss and by the test procedure, and the
+                mask is returned for post-processing.
+
+        Returns:
+            [`VPDSemanticSegmenterOutput`]; see its `logits` for their resolution in each mode.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self.vpd._check_pixel_values(pixel_values)
+        _check_pixel_mask(pixel_mask, pixel_values)
+        height, width = pixel_values.shape[-2:]
+        if labels is not None and tuple(labels.shape) != (pixel_values.shape[0], height, width):
+            raise ValueError(
+                f"`labels` must have shape {(pixel_values.shape[0], height, width)} (one class index per pixel), "
+                f"got {tuple(labels.shape)}."
+            )
+
+        if not self.training and labels is None and self._uses_test_time_procedure():
+            if output_hidden_states or output_attentions:
+                raise ValueError(
+                    "`output_hidden_states` / `output_attentions` describe one pass; the configured test procedure "
+                    "runs several. Set `config.semantic_inference_mode='whole'` (and no extra scales/flip) for them."
+                )
+            output = VPDSemanticSegmenterOutput(
+                logits=self.segmentation_logits(pixel_values, pixel_mask), pixel_mask=pixel_mask
+            )
+            return output if return_dict else output.to_tuple()
+
+        logits, backbone = self._single_pass(pixel_values)
+        loss = None
+        if labels is not None:
+            ignore_index = self.config.semantic_loss_ignore_index
+            if pixel_mask is not None:
+                labels = labels.masked_fill(pixel_mask == 0, ignore_index)
+            loss = semantic_cross_entropy(
+                self._to_input_resolution(logits, (height, width)),
+                labels,
+                ignore_index=ignore_index,
+                avg_non_ignore=self.config.semantic_loss_avg_non_ignore,
+            )
+        output = VPDSemanticSegmenterOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=backbone.feature_maps if output_hidden_states else None,
+            attentions=backbone.attention_maps if output_attentions else None,
+            pixel_mask=pixel_mask,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @classmethod
+    def from_stable_diffusion(
+        cls,
+        pretrained_model_name_or_path: str,
+        class_names: Sequence[str] | None = None,
+        prompt_template: str = ADE20K_PROMPT_TEMPLATE,
+        *,
+        dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        cache_dir: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool | None = None,
+        show_progress: bool = True,
+        **config_kwargs: Any,
+    ) -> VPDModelForSegmentation:
+        r"""
+        Builds a VPD segmentation model from a diffusers-layout Stable Diffusion checkpoint (Hub id or local folder):
+        the config from its component configs, the UNet and VAE-encoder weights, and one class prompt per class, the
+        pooled CLIP embedding of `prompt_template` filled with the class name (the CLIP text encoder is used once and
+        dropped). Defaults: the 150 ADE20K classes, cross-attention maps at 32x32 and 16x16 (for 512 inputs) and the
+        official sliding-window test procedure.
+
+        Args:
+            pretrained_model_name_or_path: e.g. `"stable-diffusion-v1-5/stable-diffusion-v1-5"`.
+            class_names: the label names, in label order (default: ADE20K's 150).
+            prompt_template: a template with one `{}` (default `"a photo of a {}."`).
+            dtype: dtype of the returned model (weights are imported in float32).
+            config_kwargs: any other `VPDConfig` field (e.g. `attention_resolutions=[]`, `semantic_inference_mode=...`).
+        """
+        names = list(class_names) if class_names is not None else list(ADE20K_CLASS_NAMES)
+        if len(set(names)) != len(names):
+            raise ValueError("`class_names` must be unique (they become `id2label` / `label2id`).")
+
+        def make_prompts(text_encoder: nn.Module, tokenizer: Any) -> dict[str, Any]:
+            embeddings = encode_prompts(text_encoder, tokenizer, names, [prompt_template], show_progress=show_progress)
+            return {
+                "prompt_embeddings": embeddings,
+                "num_prompts": len(names),
+                "prompt_names": names,
+                "prompt_templates": [prompt_template],
+                "id2label": dict(enumerate(names)),
+                "label2id": {name: index for index, name in enumerate(names)},
+                "attention_resolutions": [32, 16],
+                "semantic_inference_mode": "slide",
+            }
+
+        hub_kwargs = _hub_kwargs(revision, variant, cache_dir, token, local_files_only)
+        return cls._build_from_stable_diffusion(
+            pretrained_model_name_or_path, make_prompts, config_kwargs, hub_kwargs, dtype
+        )
+
+
+VPDModelForSemanticSegmentation = VPDModelForSegmentation
 
 
 __all__ = [
@@ -569,7 +833,10 @@ __all__ = [
     "VPDDepthEstimatorOutput",
     "VPDModel",
     "VPDModelForDepthEstimation",
+    "VPDModelForSegmentation",
+    "VPDModelForSemanticSegmentation",
     "VPDPreTrainedModel",
+    "VPDSemanticSegmenterOutput",
     "VPDTextAdapter",
     "VPDVAEEncoder",
 ]

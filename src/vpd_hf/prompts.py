@@ -17,6 +17,28 @@ NYU_SCENE_NAMES: tuple[str, ...] = (
     "computer_lab", "classroom", "office", "bookstore",
 )  # fmt: skip
 
+# The 150 ADE20K (SceneParsing) classes in label order (annotation value k + 1 is class k), as mmsegmentation lists
+# them (without its stray trailing space in "bed ").
+ADE20K_CLASS_NAMES: tuple[str, ...] = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet", "sidewalk",
+    "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water", "painting", "sofa",
+    "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp",
+    "bathtub", "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter", "sand",
+    "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table",
+    "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table", "toilet", "flower",
+    "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair", "boat", "bar",
+    "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight",
+    "booth", "television receiver", "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator",
+    "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer",
+    "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher",
+    "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier",
+    "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)  # fmt: skip
+
+# Template of VPD's segmentation class embeddings (one pooled CLIP feature per class, per the authors).
+ADE20K_PROMPT_TEMPLATE = "a photo of a {}."
+
 # The 80 prompt templates of CLIP's ImageNet zero-shot evaluation; VPD averages the scene embeddings over them.
 CLIP_IMAGENET_TEMPLATES: tuple[str, ...] = (
     "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
@@ -98,4 +120,12 @@ def encode_prompts(
     return embeddings.mean(dim=1)
 
 
-__all__ = ["CLIP_IMAGENET_TEMPLATES", "NYU_PROMPT_MAX_LENGTH", "NYU_SCENE_NAMES", "encode_prompts", "format_prompts"]
+__all__ = [
+    "ADE20K_CLASS_NAMES",
+    "ADE20K_PROMPT_TEMPLATE",
+    "CLIP_IMAGENET_TEMPLATES",
+    "NYU_PROMPT_MAX_LENGTH",
+    "NYU_SCENE_NAMES",
+    "encode_prompts",
+    "format_prompts",
+]

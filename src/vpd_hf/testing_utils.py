@@ -102,6 +102,24 @@ def tiny_vpd_config(**overrides: Any):
     return VPDConfig(**kwargs)
 
 
+TINY_SEGMENTATION_HEAD: dict[str, Any] = {"fpn_channels": 32, "semantic_head_channels": 32}
+
+
+def tiny_segmentation_config(class_names: list[str] | None = None, **overrides: Any) -> VPDConfig:
+    """A `VPDConfig` for a tiny segmentation model: one prompt per class, attention maps at 32 and 16 (512 scale)."""
+    names = list(class_names) if class_names is not None else ["wall", "floor", "ceiling", "sphere", "box"]
+    kwargs = {
+        "num_prompts": len(names),
+        "prompt_names": names,
+        "id2label": dict(enumerate(names)),
+        "label2id": {name: index for index, name in enumerate(names)},
+        "attention_resolutions": [32, 16],
+        **TINY_SEGMENTATION_HEAD,
+    }
+    kwargs.update(overrides)
+    return tiny_vpd_config(**kwargs)
+
+
 def _byte_alphabet() -> list[str]:
     """The 256 printable characters byte-level BPE uses for the bytes 0-255 (printable ASCII/Latin-1 map to
     themselves, the rest to code points from 256 up)."""
@@ -197,10 +215,12 @@ def save_tiny_stable_diffusion(directory: str | Path, seed: int = 0) -> Path:
 
 __all__ = [
     "TINY_DEPTH_HEAD",
+    "TINY_SEGMENTATION_HEAD",
     "TINY_UNET_CONFIG",
     "TINY_VAE_CONFIG",
     "save_tiny_clip_tokenizer",
     "save_tiny_stable_diffusion",
     "tiny_clip_text_config",
+    "tiny_segmentation_config",
     "tiny_vpd_config",
 ]

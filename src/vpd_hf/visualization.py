@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import colorsys
+
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 # Colour maps as evenly spaced anchor colours, linearly interpolated. "viridis" and "magma" are perceptually uniform
 # (anchors sampled from the matplotlib maps); "spectral" is ColorBrewer's 11-class diverging scheme (Marigold's choice).
@@ -104,4 +106,103 @@ def depth_to_uint16_png(depth: torch.Tensor | np.ndarray, scale: float = 1000.0)
     return Image.fromarray(np.clip(np.round(scaled), 0, 65535).astype(np.uint16))
 
 
-__all__ = ["COLORMAPS", "apply_colormap", "colorize_depth", "depth_to_uint16_png"]
+def segmentation_palette(num_labels: int) -> np.ndarray:
+    """`(num_labels, 3)` uint8 colours, deterministic and well separated: hues step by the golden angle, with three
+    alternating saturation/value levels so that neighbouring labels also differ in lightness."""
+    if not isinstance(num_labels, int) or num_labels < 1:
+        raise ValueError(f"`num_labels` must be a positive integer, got {num_labels!r}.")
+    levels = ((0.75, 0.95), (0.55, 0.75), (0.9, 0.6))
+    colors = []
+    for label in range(num_labels):
+        saturation, value = levels[label % len(levels)]
+        hue = (label * 0.618033988749895) % 1.0
+        colors.append([round(255 * c) for c in colorsys.hsv_to_rgb(hue, saturation, value)])
+    return np.array(colors, dtype=np.uint8)
+
+
+def _to_rgb_array(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"`image` must be a PIL image or an RGB array (H, W, 3) / (3, H, W), got shape {array.shape}.")
+    if array.dtype != np.uint8:
+        array = np.clip(np.round(array.astype(np.float64) * 255), 0, 255).astype(np.uint8)
+    return array
+
+
+def overlay_segmentation(
+    image: Image.Image | np.ndarray | torch.Tensor,
+    segmentation: torch.Tensor | np.ndarray,
+    id2label: dict[int, str] | None = None,
+    palette: np.ndarray | None = None,
+    alpha: float = 0.5,
+    legend: bool = True,
+    ignore_index: int = 255,
+) -> Image.Image:
+    r"""
+    The image blended with a colour per label, plus (with `legend`) a panel listing the labels present, largest first.
+
+    Args:
+        image: PIL image or RGB array (uint8, or float in [0, 1]) of the same size as `segmentation`.
+        segmentation: `(H, W)` integer label map; `ignore_index` pixels are left uncoloured.
+        id2label: names for the legend (default: the label numbers).
+        palette: `(num_labels, 3)` uint8 colours (default: :func:`segmentation_palette`).
+        alpha: weight of the label colours.
+    """
+    rgb = _to_rgb_array(image)
+    labels = segmentation.detach().cpu().numpy() if isinstance(segmentation, torch.Tensor) else np.asarray(segmentation)
+    if labels.shape != rgb.shape[:2] or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"`segmentation` must be an integer map of the image's size {rgb.shape[:2]}, got {labels.dtype} {labels.shape}."
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
+    valid = (labels != ignore_index) & (labels >= 0)
+    num_colors = int(labels[valid].max()) + 1 if valid.any() else 1
+    if palette is None:
+        palette = segmentation_palette(max(num_colors, len(id2label) if id2label else 1))
+    palette = np.asarray(palette, dtype=np.uint8)
+    if palette.ndim != 2 or palette.shape[1] != 3 or palette.shape[0] < num_colors:
+        raise ValueError(f"`palette` must be (num_labels, 3) with at least {num_colors} rows, got {palette.shape}.")
+    blended = rgb.astype(np.float64)
+    colors = palette[np.where(valid, labels, 0)].astype(np.float64)
+    blended[valid] = (1 - alpha) * blended[valid] + alpha * colors[valid]
+    overlay = Image.fromarray(np.round(blended).astype(np.uint8))
+    if not legend or not valid.any():
+        return overlay
+
+    present, counts = np.unique(labels[valid], return_counts=True)
+    order = present[np.argsort(-counts, kind="stable")]
+    font = ImageFont.load_default()
+    row = 16
+    rows_fit = max(1, overlay.height // row)
+    shown = order[:rows_fit] if len(order) <= rows_fit else order[: rows_fit - 1]
+    names = [str(id2label.get(int(label), label)) if id2label else str(int(label)) for label in shown]
+    hidden = len(order) - len(shown)
+    lines = names + ([f"+{hidden} more"] if hidden else [])
+    text_width = max(int(ImageDraw.Draw(overlay).textlength(line, font=font)) for line in lines)
+    canvas = Image.new("RGB", (overlay.width + text_width + 34, overlay.height), (255, 255, 255))
+    canvas.paste(overlay, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for position, line in enumerate(lines):
+        top = 4 + position * row
+        if position < len(shown):
+            draw.rectangle(
+                [overlay.width + 6, top, overlay.width + 18, top + 11],
+                fill=tuple(int(c) for c in palette[shown[position]]),
+            )
+        draw.text((overlay.width + 24, top), line, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+__all__ = [
+    "COLORMAPS",
+    "apply_colormap",
+    "colorize_depth",
+    "depth_to_uint16_png",
+    "overlay_segmentation",
+    "segmentation_palette",
+]

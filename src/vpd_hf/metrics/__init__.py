@@ -9,13 +9,19 @@ from .depth import (
     evaluation_mask,
     image_depth_metrics,
 )
+from .segmentation import MEAN_IOU_KEYS, MeanIoU, MeanIoUAccumulator, compute_mean_iou, metrics_from_confusion
 
 __all__ = [
     "DEPTH_METRIC_NAMES",
     "EIGEN_CROP",
+    "MEAN_IOU_KEYS",
     "DepthMetric",
     "DepthMetricAccumulator",
+    "MeanIoU",
+    "MeanIoUAccumulator",
     "compute_depth_metrics",
+    "compute_mean_iou",
     "evaluation_mask",
     "image_depth_metrics",
+    "metrics_from_confusion",
 ]

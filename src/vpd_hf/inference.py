@@ -1,0 +1,123 @@
+"""Test-time procedures for dense prediction: sliding windows, multi-scale and flip averaging.
+
+These are the official VPD/mmsegmentation test procedures, written against a plain `logits_fn` so that the model's
+eval-mode forward (and therefore transformers' pipelines) and the evaluation script use the same code:
+
+* `sliding_window_logits`: overlapping `crop_size` windows every `stride` pixels (the last window of a row/column is
+  moved back to end at the border), each window's logits at the window's resolution, summed and divided by the number
+  of windows covering each pixel;
+* `test_time_logits`: that (or one whole-image pass) at several scales and optionally on the flipped image, with the
+  softmax probabilities averaged over the views (mmsegmentation's `aug_test`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"`{name}` must be a positive int or a (height, width) pair of positive ints, got {value!r}.")
+    return pair
+
+
+def sliding_window_logits(
+    logits_fn: LogitsFn,
+    pixel_values: torch.Tensor,
+    crop_size: int | Sequence[int] = 512,
+    stride: int | Sequence[int] = 341,
+) -> torch.Tensor:
+    r"""
+    Args:
+        logits_fn: maps images `(B, 3, h, w)` to logits `(B, C, h, w)` at the same resolution.
+        pixel_values: `(B, 3, H, W)`.
+        crop_size, stride: window size and step, `(height, width)` or one int for both.
+
+    Returns:
+        Logits `(B, C, H, W)`: the mean over the windows covering each pixel.
+    """
+    crop_h, crop_w = _pair(crop_size, "crop_size")
+    stride_h, stride_w = _pair(stride, "stride")
+    batch, _, height, width = pixel_values.shape
+    rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
+    cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
+    total, count = None, pixel_values.new_zeros((1, 1, height, width), dtype=torch.float32)
+    for row in range(rows):
+        for col in range(cols):
+            y2, x2 = min(row * stride_h + crop_h, height), min(col * stride_w + crop_w, width)
+            y1, x1 = max(y2 - crop_h, 0), max(x2 - crop_w, 0)
+            window = logits_fn(pixel_values[:, :, y1:y2, x1:x2])
+            if window.shape[0] != batch or window.shape[-2:] != (y2 - y1, x2 - x1):
+                raise ValueError(
+                    f"`logits_fn` must return logits at the window's resolution {(batch, '*', y2 - y1, x2 - x1)}, "
+                    f"got {tuple(window.shape)}."
+                )
+            if total is None:
+                total = window.new_zeros((batch, window.shape[1], height, width), dtype=torch.float32)
+            total[:, :, y1:y2, x1:x2] += window.float()
+            count[:, :, y1:y2, x1:x2] += 1
+    return total / count
+
+
+def test_time_logits(
+    logits_fn: LogitsFn,
+    pixel_values: torch.Tensor,
+    mode: str = "whole",
+    crop_size: int | Sequence[int] = 512,
+    stride: int | Sequence[int] = 341,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> torch.Tensor:
+    r"""
+    Logits `(B, C, H, W)` for `pixel_values` `(B, 3, H, W)` under a test procedure.
+
+    Args:
+        logits_fn: maps images `(B, 3, h, w)` to logits `(B, C, h, w)` at the same resolution (one whole pass).
+        mode: `"whole"` (one pass per view) or `"slide"` (:func:`sliding_window_logits` per view).
+        scales: image scale factors; each view is resized bilinearly, predicted, and its logits resized back.
+        flip: also predict the horizontally flipped views (and flip the logits back).
+
+    Returns:
+        With one view (scale 1, no flip): that view's logits. With several views: the log of the mean softmax
+        probability over the views (a valid logit whose softmax is that mean).
+    """
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"`mode` must be 'whole' or 'slide', got {mode!r}.")
+    scales = list(scales)
+    if not scales or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
+        raise ValueError(f"`scales` must be a non-empty list of positive numbers, got {scales!r}.")
+    height, width = pixel_values.shape[-2:]
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        if mode == "whole":
+            return logits_fn(images)
+        return sliding_window_logits(logits_fn, images, crop_size, stride)
+
+    views = [(scale, flipped) for scale in scales for flipped in ((False, True) if flip else (False,))]
+    if views == [(1.0, False)]:
+        return run(pixel_values)
+    probabilities = None
+    for scale, flipped in views:
+        images = pixel_values
+        if scale != 1.0:
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        if flipped:
+            images = images.flip(-1)
+        logits = run(images).float()
+        if flipped:
+            logits = logits.flip(-1)
+        if logits.shape[-2:] != (height, width):
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        view_probabilities = logits.softmax(dim=1)
+        probabilities = view_probabilities if probabilities is None else probabilities + view_probabilities
+    return torch.log((probabilities / len(views)).clamp_min(torch.finfo(torch.float32).tiny))
+
+
+__all__ = ["sliding_window_logits", "test_time_logits"]
