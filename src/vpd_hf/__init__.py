@@ -15,6 +15,7 @@ from transformers import (
     AutoModel,
     AutoModelForDepthEstimation,
     AutoModelForSemanticSegmentation,
+    AutoProcessor,
 )
 from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING
 
@@ -26,21 +27,34 @@ from .metrics import (
     DepthMetricAccumulator,
     MeanIoU,
     MeanIoUAccumulator,
+    ReferringMetricAccumulator,
+    ReferringSegmentationMetric,
     compute_depth_metrics,
     compute_mean_iou,
+    compute_referring_metrics,
 )
 from .modeling_vpd import (
     VPDBackboneOutput,
     VPDDepthEstimatorOutput,
     VPDModel,
     VPDModelForDepthEstimation,
+    VPDModelForReferringSegmentation,
     VPDModelForSegmentation,
     VPDModelForSemanticSegmentation,
     VPDPreTrainedModel,
+    VPDReferringSegmentationOutput,
     VPDSemanticSegmenterOutput,
 )
+from .pipelines import ReferringImageSegmentationPipeline, register_referring_pipeline
+from .processing_vpd import VPDProcessor
 from .prompts import ADE20K_CLASS_NAMES, CLIP_IMAGENET_TEMPLATES, NYU_SCENE_NAMES, encode_prompts
-from .visualization import colorize_depth, depth_to_uint16_png, overlay_segmentation, segmentation_palette
+from .visualization import (
+    colorize_depth,
+    depth_to_uint16_png,
+    overlay_mask,
+    overlay_segmentation,
+    segmentation_palette,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -48,6 +62,7 @@ AutoConfig.register(VPDConfig.model_type, VPDConfig, exist_ok=True)
 AutoModel.register(VPDConfig, VPDModel, exist_ok=True)
 AutoModelForDepthEstimation.register(VPDConfig, VPDModelForDepthEstimation, exist_ok=True)
 AutoModelForSemanticSegmentation.register(VPDConfig, VPDModelForSegmentation, exist_ok=True)
+AutoProcessor.register(VPDConfig, VPDProcessor, exist_ok=True)
 AutoImageProcessor.register(VPDConfig, image_processor_classes={"pil": VPDImageProcessor}, exist_ok=True)
 # VPD has no video processor. Declaring that (an empty mapping) matters: transformers' pipelines probe for one, derive
 # a remote-code reference from the image processor's `auto_map`, and without a local entry ask the user whether to
@@ -59,6 +74,9 @@ VPDConfig.register_for_auto_class()
 VPDModel.register_for_auto_class("AutoModel")
 VPDModelForDepthEstimation.register_for_auto_class("AutoModelForDepthEstimation")
 VPDModelForSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+# transformers has no Auto class for referring segmentation; remote-code users load it through AutoModel.
+VPDModelForReferringSegmentation.register_for_auto_class("AutoModel")
+VPDProcessor.register_for_auto_class()
 VPDImageProcessor.register_for_auto_class()
 
 
@@ -72,6 +90,7 @@ class _RegisteredVPDModelFilter(_logging.Filter):
 
 
 _logging.getLogger("transformers.pipelines.base").addFilter(_RegisteredVPDModelFilter())
+register_referring_pipeline()
 
 __all__ = [
     "ADE20K_CLASS_NAMES",
@@ -83,21 +102,29 @@ __all__ = [
     "DepthMetricAccumulator",
     "MeanIoU",
     "MeanIoUAccumulator",
+    "ReferringImageSegmentationPipeline",
+    "ReferringMetricAccumulator",
+    "ReferringSegmentationMetric",
     "VPDBackboneOutput",
     "VPDConfig",
     "VPDDepthEstimatorOutput",
     "VPDImageProcessor",
     "VPDModel",
     "VPDModelForDepthEstimation",
+    "VPDModelForReferringSegmentation",
     "VPDModelForSegmentation",
     "VPDModelForSemanticSegmentation",
     "VPDPreTrainedModel",
+    "VPDProcessor",
+    "VPDReferringSegmentationOutput",
     "VPDSemanticSegmenterOutput",
     "colorize_depth",
     "compute_depth_metrics",
     "compute_mean_iou",
+    "compute_referring_metrics",
     "depth_to_uint16_png",
     "encode_prompts",
+    "overlay_mask",
     "overlay_segmentation",
     "segmentation_palette",
     "sliding_window_logits",

@@ -142,6 +142,18 @@ class VPDConfig(PreTrainedConfig):
             `semantic_inference_flip`, softmax probabilities are averaged and their log is returned as logits.
         semantic_inference_flip (`bool`, *optional*, defaults to `False`):
             Also average the horizontally flipped image's prediction.
+        text_config (`dict`, *optional*):
+            Constructor arguments of the `CLIPTextModel` that encodes referring expressions (referring segmentation
+            only; its hidden size must equal `prompt_embed_dim`).
+        token_length (`int`, *optional*, defaults to 40):
+            Tokens per referring expression (padded/truncated to it): 40 for RefCOCO/RefCOCO+, 77 for RefCOCOg. Every
+            token, padding included, is a context token and an attention-map channel, as in the official code.
+        train_text_encoder (`bool`, *optional*, defaults to `False`):
+            Whether the referring model's CLIP text encoder is trained (frozen and run without gradients otherwise).
+        referring_decoder_channels (`int`, *optional*):
+            Hidden channels of the referring decoder (default: half the deepest UNet width, 640 for SD 1.5).
+        referring_loss_weights (`list[float]`, *optional*, defaults to `[0.9, 1.1]`):
+            Cross-entropy weights of background and foreground.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal used for the depth neck.
     """
@@ -175,6 +187,11 @@ class VPDConfig(PreTrainedConfig):
     semantic_inference_stride: int = 341
     semantic_inference_scales: list[float] | tuple[float, ...] = (1.0,)
     semantic_inference_flip: bool = False
+    text_config: dict | None = None
+    token_length: int = 40
+    train_text_encoder: bool = False
+    referring_decoder_channels: int | None = None
+    referring_loss_weights: list[float] | tuple[float, ...] = (0.9, 1.1)
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -188,6 +205,7 @@ class VPDConfig(PreTrainedConfig):
         self._validate_backbone()
         self._validate_depth_head()
         self._validate_segmentation()
+        self._validate_referring()
         super().__post_init__(**kwargs)
 
     # -- validation -----------------------------------------------------------------------------------------------
@@ -340,6 +358,46 @@ class VPDConfig(PreTrainedConfig):
                 f"`semantic_inference_scales` must be a non-empty list of positive numbers, got {scales!r}."
             )
         self.semantic_inference_scales = [float(v) for v in scales]
+
+    def _validate_referring(self) -> None:
+        if not isinstance(self.token_length, int) or isinstance(self.token_length, bool) or self.token_length < 1:
+            raise ValueError(f"`token_length` must be a positive integer, got {self.token_length!r}.")
+        if self.text_config is not None:
+            if not isinstance(self.text_config, dict):
+                raise TypeError(
+                    f"`text_config` must be a dict of CLIPTextConfig arguments, got {type(self.text_config).__name__}."
+                )
+            self.text_config = {
+                key: value
+                for key, value in self.text_config.items()
+                if key not in ("_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype")
+            }
+            hidden = self.text_config.get("hidden_size", 512)
+            if hidden != self.prompt_embed_dim:
+                raise ValueError(
+                    f"`text_config['hidden_size']` ({hidden}) must equal `prompt_embed_dim` ({self.prompt_embed_dim})."
+                )
+            positions = self.text_config.get("max_position_embeddings", 77)
+            if self.token_length > positions:
+                raise ValueError(
+                    f"`token_length` ({self.token_length}) exceeds the text encoder's {positions} positions."
+                )
+        if not isinstance(self.train_text_encoder, bool):
+            raise TypeError(f"`train_text_encoder` must be a bool, got {self.train_text_encoder!r}.")
+        channels = self.referring_decoder_channels
+        if channels is not None and (not isinstance(channels, int) or isinstance(channels, bool) or channels <= 0):
+            raise ValueError(f"`referring_decoder_channels` must be a positive integer or None, got {channels!r}.")
+        weights = self.referring_loss_weights
+        if (
+            isinstance(weights, (str, bytes))
+            or not hasattr(weights, "__iter__")
+            or len(list(weights)) != 2
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights)
+        ):
+            raise ValueError(
+                f"`referring_loss_weights` must be two positive numbers (background, foreground), got {weights!r}."
+            )
+        self.referring_loss_weights = [float(w) for w in weights]
 
     # -- derived quantities ---------------------------------------------------------------------------------------
 

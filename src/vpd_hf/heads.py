@@ -158,6 +158,41 @@ class VPDDepthHead(nn.Module):
         return depth[:, 0, :height, :width]
 
 
+class VPDReferringDecoder(nn.Module):
+    r"""
+    The referring decoder of VPD (LAVT's `SimpleDecoding` on VPD's features): starting from the 1/64 map, three
+    fuse-and-upsample stages — bilinear upsampling (align_corners=True) to the next finer map, concatenation, and
+    2 x [conv3x3 (no bias) + BatchNorm + ReLU] — then a 1x1 conv to 2 classes (background, foreground).
+
+    Input: four maps `(B, C_i, H_i, W_i)`, finest first (VPD: `[320, 640 + T, 1280 + T, 1280]`); output: logits
+    `(B, 2, H_0, W_0)` at 1/8 of the image. Parameter names follow the reference (`conv1_4`, `bn1_4`, ...).
+    """
+
+    def __init__(self, in_channels: list[int], hidden_channels: int) -> None:
+        super().__init__()
+        c1, c2, c3, c4 = in_channels
+        for stage, skip in (("4", c3), ("3", c2), ("2", c1)):
+            inputs = (c4 if stage == "4" else hidden_channels) + skip
+            self.add_module(f"conv1_{stage}", nn.Conv2d(inputs, hidden_channels, 3, padding=1, bias=False))
+            self.add_module(f"bn1_{stage}", nn.BatchNorm2d(hidden_channels))
+            self.add_module(f"conv2_{stage}", nn.Conv2d(hidden_channels, hidden_channels, 3, padding=1, bias=False))
+            self.add_module(f"bn2_{stage}", nn.BatchNorm2d(hidden_channels))
+        self.conv1_1 = nn.Conv2d(hidden_channels, 2, 1)
+        _tag_tree(self, ("torch_default", None))  # the reference leaves PyTorch's initialisation
+
+    def forward(self, features: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x_c1, x_c2, x_c3, x_c4 = features
+        hidden = x_c4
+        for stage, skip in (("4", x_c3), ("3", x_c2), ("2", x_c1)):
+            if hidden.shape[-2] < skip.shape[-2] or hidden.shape[-1] < skip.shape[-1]:
+                hidden = F.interpolate(hidden, size=skip.shape[-2:], mode="bilinear", align_corners=True)
+            hidden = torch.cat([hidden, skip], dim=1)
+            for index in ("1", "2"):
+                conv, norm = getattr(self, f"conv{index}_{stage}"), getattr(self, f"bn{index}_{stage}")
+                hidden = F.relu(norm(conv(hidden)))
+        return self.conv1_1(hidden)
+
+
 class ConvBNReLU(nn.Module):
     """conv3x3 (no bias) + BatchNorm + ReLU, named `conv` / `bn` like mmcv's ConvModule (eases checkpoint conversion)."""
 
@@ -233,6 +268,7 @@ __all__ = [
     "VPDDepthHead",
     "VPDDepthNeck",
     "VPDFPNNeck",
+    "VPDReferringDecoder",
     "VPDSemanticFPNHead",
     "tag_init",
 ]

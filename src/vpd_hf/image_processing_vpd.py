@@ -100,6 +100,8 @@ class VPDImageProcessor(PilBackend):
         "depth": {"size": {"shortest_edge": 480, "longest_edge": 640}},
         # ADE20K test resize: img_scale (2048, 512) with keep_ratio; annotations use 0 for "other".
         "segmentation": {"size": {"shortest_edge": 512, "longest_edge": 2048}, "do_reduce_labels": True},
+        # RefCOCO (LAVT protocol): a plain 512x512 resize, aspect ratio not kept.
+        "referring": {"size": {"height": 512, "width": 512}},
     }
 
     @classmethod
@@ -111,28 +113,41 @@ class VPDImageProcessor(PilBackend):
 
     # -- pre-processing -------------------------------------------------------------------------------------------------
 
-    def preprocess(self, images: Any, segmentation_maps: Any = None, **kwargs: Any) -> BatchFeature:
+    def preprocess(
+        self, images: Any, segmentation_maps: Any = None, segmentation_map_indices: Any = None, **kwargs: Any
+    ) -> BatchFeature:
         r"""
         Args:
             images: one image or a list (PIL, NumPy or torch; see the class docstring).
-            segmentation_maps: optional label maps, one per image and of its size (PIL "L"/"P"/"I" images or integer
-                arrays `(H, W)`); they are resized with nearest-neighbour sampling to the image's processed size,
-                padded with 255 and returned as `labels` `(B, H, W)` int64.
+            segmentation_maps: optional label maps (PIL "L"/"P"/"I" images or integer arrays `(H, W)`), one per image
+                and of its size; they are resized with nearest-neighbour sampling to the image's processed size,
+                padded with 255 and returned as `labels` `(N, H, W)` int64.
+            segmentation_map_indices: optional image index of each map, when there are several maps per image (e.g.
+                one mask per referring expression); default: map `i` belongs to image `i`.
             kwargs: per-call overrides of the processor's attributes (`size`, `do_pad`, `do_reduce_labels`, ...).
         """
-        return super().preprocess(images, segmentation_maps, **kwargs)
+        return super().preprocess(images, segmentation_maps, segmentation_map_indices, **kwargs)
 
-    def _preprocess_image_like_inputs(self, images: Any, segmentation_maps: Any = None, **kwargs: Any) -> BatchFeature:
+    def _preprocess_image_like_inputs(
+        self, images: Any, segmentation_maps: Any = None, segmentation_map_indices: Any = None, **kwargs: Any
+    ) -> BatchFeature:
         prepared = self._prepare_image_like_inputs(images, **kwargs)
         batch = self._preprocess(prepared, **kwargs)
         if segmentation_maps is not None:
             maps = segmentation_maps if isinstance(segmentation_maps, (list, tuple)) else [segmentation_maps]
-            if len(maps) != len(prepared):
-                raise ValueError(f"Got {len(maps)} `segmentation_maps` for {len(prepared)} images.")
-            sizes = [image.shape[-2:] for image in prepared]
+            if segmentation_map_indices is None:
+                if len(maps) != len(prepared):
+                    raise ValueError(f"Got {len(maps)} `segmentation_maps` for {len(prepared)} images.")
+                segmentation_map_indices = range(len(maps))
+            indices = [int(i) for i in segmentation_map_indices]
+            if len(indices) != len(maps) or any(not 0 <= i < len(prepared) for i in indices):
+                raise ValueError(
+                    f"`segmentation_map_indices` must give an image index in [0, {len(prepared) - 1}] for each of the "
+                    f"{len(maps)} maps, got {indices}."
+                )
             labels = [
-                self._process_label_map(label_map, size, index, **kwargs)
-                for index, (label_map, size) in enumerate(zip(maps, sizes, strict=True))
+                self._process_label_map(label_map, prepared[image].shape[-2:], index, **kwargs)
+                for index, (label_map, image) in enumerate(zip(maps, indices, strict=True))
             ]
             if kwargs.get("do_pad"):
                 height, width = batch["pixel_values"][0].shape[-2:]
@@ -345,6 +360,27 @@ class VPDImageProcessor(PilBackend):
         width = int(mask.any(dim=0).sum())
         return prediction[..., :height, :width]
 
+    @classmethod
+    def _scores_to_target(
+        cls,
+        scores: torch.Tensor,
+        pixel_mask: torch.Tensor | None,
+        target_size: tuple[int, int] | None,
+        align_corners: bool = False,
+    ) -> torch.Tensor:
+        """`(1, C, h, w)` scores -> the input grid (upsampled when coarser than `pixel_mask`), the image region of
+        `pixel_mask`, then `target_size`; all bilinear."""
+        scores = scores.float()
+        if pixel_mask is not None:
+            factor = max(1, round(pixel_mask.shape[-2] / scores.shape[-2]))
+            if factor > 1:
+                size = (scores.shape[-2] * factor, scores.shape[-1] * factor)
+                scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=align_corners)
+            scores = cls._unpad(scores, pixel_mask)
+        if target_size is not None and tuple(scores.shape[-2:]) != target_size:
+            scores = F.interpolate(scores, size=target_size, mode="bilinear", align_corners=align_corners)
+        return scores
+
     def post_process_depth_estimation(
         self,
         outputs: Any,
@@ -393,15 +429,37 @@ class VPDImageProcessor(PilBackend):
         sizes = self._check_target_sizes(target_sizes, logits.shape[0])
         results = []
         for index, size in enumerate(sizes):
-            scores = logits[index : index + 1].float()
-            if pixel_mask is not None:
-                factor = max(1, round(pixel_mask.shape[-2] / scores.shape[-2]))
-                if factor > 1:
-                    scores = F.interpolate(scores, scale_factor=float(factor), mode="bilinear", align_corners=False)
-                scores = self._unpad(scores, pixel_mask[index])
-            if size is not None and tuple(scores.shape[-2:]) != size:
-                scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
-            results.append(scores[0].argmax(dim=0))
+            mask = None if pixel_mask is None else pixel_mask[index]
+            results.append(self._scores_to_target(logits[index : index + 1], mask, size)[0].argmax(dim=0))
+        return results
+
+    def post_process_referring_segmentation(
+        self,
+        outputs: Any,
+        target_sizes: torch.Tensor | Sequence[tuple[int, int]] | None = None,
+        threshold: float = 0.5,
+    ) -> list[dict[str, torch.Tensor]]:
+        r"""
+        Per-expression masks from referring logits `(N, 2, h, w)`: upsampled to the input grid (bilinear,
+        align_corners=True as the official evaluation), un-padded with `outputs.pixel_mask`, resized to
+        `target_sizes[i]`, and thresholded on the foreground probability (0.5 is the official arg-max).
+
+        Returns:
+            One `{"mask": (H, W) bool, "probabilities": (H, W) float32}` per expression.
+        """
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"`threshold` must be in [0, 1], got {threshold}.")
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+        if logits is None or logits.ndim != 4 or logits.shape[1] != 2:
+            raise ValueError("`outputs.logits` must be a (num_texts, 2, height, width) tensor.")
+        pixel_mask = outputs.get("pixel_mask") if hasattr(outputs, "get") else getattr(outputs, "pixel_mask", None)
+        sizes = self._check_target_sizes(target_sizes, logits.shape[0])
+        results = []
+        for index, size in enumerate(sizes):
+            mask = None if pixel_mask is None else pixel_mask[index]
+            scores = self._scores_to_target(logits[index : index + 1], mask, size, align_corners=True)
+            probabilities = scores.softmax(dim=1)[0, 1]
+            results.append({"mask": probabilities > threshold, "probabilities": probabilities})
         return results
 
     # -- visualisation ------------------------------------------------------------------------------------------------

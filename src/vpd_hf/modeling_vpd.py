@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from .attention import ForwardRecorder, attention_key, install_cross_attention_capture
 from .configuration_vpd import ATTENTION_RESOLUTIONS, VPDConfig
-from .heads import VPDDepthHead, VPDFPNNeck, VPDSemanticFPNHead, tag_init
+from .heads import VPDDepthHead, VPDFPNNeck, VPDReferringDecoder, VPDSemanticFPNHead, tag_init
 from .inference import test_time_logits
 from .losses import semantic_cross_entropy, silog_loss
 from .prompts import (
@@ -117,6 +117,32 @@ class VPDSemanticSegmenterOutput(SemanticSegmenterOutput):
     pixel_mask: torch.LongTensor | None = None
 
 
+@dataclass
+class VPDReferringSegmentationOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor`, *optional*): class-weighted cross-entropy, when `labels` are given.
+    logits (`torch.FloatTensor` of shape `(N, 2, h, w)`):
+        Background / foreground scores per expression at 1/8 of the input (`h = ceil(H / 8)`).
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*): the backbone feature maps, when `output_hidden_states`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*): the token attention maps, when `output_attentions`.
+    pixel_mask (`torch.LongTensor` of shape `(N, H, W)`, *optional*): each expression's image `pixel_mask`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    pixel_mask: torch.LongTensor | None = None
+
+    def foreground_probability(self, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """`(N, h, w)` probability of the referred object (softmax over the two classes); with `size`, bilinearly
+        upsampled (align_corners=True, as the official evaluation) to `(N, *size)`."""
+        logits = self.logits.float()
+        if size is not None:
+            logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+        return logits.softmax(dim=1)[:, 1]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------------------------------
@@ -197,6 +223,8 @@ class VPDPreTrainedModel(PreTrainedModel):
         "VPDVAEEncoder",
         "VPDDepthHead",
         "VPDSemanticFPNHead",
+        "VPDReferringDecoder",
+        "CLIPEncoderLayer",
     ]
 
     @torch.no_grad()
@@ -232,7 +260,7 @@ class VPDPreTrainedModel(PreTrainedModel):
                 init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
                 if kind == "torch_default":
-                    bound = 1 / math.sqrt(module.weight.shape[1])
+                    bound = 1 / math.sqrt(module.weight[0].numel())
                     init.uniform_(module.bias, -bound, bound)
                 else:
                     init.zeros_(module.bias)
@@ -259,7 +287,8 @@ class VPDPreTrainedModel(PreTrainedModel):
         """
         Builds `cls` from a diffusers-layout Stable Diffusion checkpoint: the config from its `unet/` and `vae/` configs,
         the UNet and VAE-encoder weights, and whatever `make_prompts(text_encoder, tokenizer)` derives from its
-        `text_encoder/` and `tokenizer/` (config entries, plus a `prompt_embeddings` tensor for the prompt table).
+        `text_encoder/` and `tokenizer/`: config entries, plus optionally a `prompt_embeddings` tensor for the prompt
+        table and a `text_encoder_state_dict` for a model that keeps the text encoder.
         """
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -271,6 +300,7 @@ class VPDPreTrainedModel(PreTrainedModel):
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **hub_no_variant)
         prompts = make_prompts(text_encoder, tokenizer)
         embeddings = prompts.pop("prompt_embeddings", None)
+        text_encoder_state = prompts.pop("text_encoder_state_dict", None)
         del text_encoder
 
         config = VPDConfig(unet_config=unet_config, vae_config=vae_config, **{**prompts, **config_kwargs})
@@ -287,6 +317,8 @@ class VPDPreTrainedModel(PreTrainedModel):
         del vae, vae_state
         if embeddings is not None:
             model.vpd.prompt_embeddings.copy_(embeddings)
+        if text_encoder_state is not None:
+            model.text_encoder.load_state_dict(text_encoder_state, strict=True)
         if dtype is not None:
             model = model.to(dtype)
         return model.eval()
@@ -828,14 +860,199 @@ class VPDModelForSegmentation(VPDPreTrainedModel):
 VPDModelForSemanticSegmentation = VPDModelForSegmentation
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Referring segmentation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class VPDModelForReferringSegmentation(VPDPreTrainedModel):
+    r"""
+    VPD for referring image segmentation (RefCOCO/+/g): the expression is encoded by a CLIP text encoder (frozen by
+    default) into `token_length` token states, which go through the TextAdapter into the UNet's cross-attention; the
+    tokens' attention maps join the 1/16 and 1/32 features, and LAVT's decoder predicts background/foreground logits at
+    1/8 of the image, trained with a class-weighted cross-entropy (0.9, 1.1).
+
+    Several expressions about one image share its VAE encoding: pass the images once and `image_indices`.
+    """
+
+    input_modalities = ("image", "text")
+
+    def __init__(self, config: VPDConfig) -> None:
+        super().__init__(config)
+        if config.text_config is None:
+            raise ValueError("Referring segmentation needs `config.text_config` (the CLIP text encoder's config).")
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        self.vpd = VPDModel(config)
+        self.text_encoder = CLIPTextModel(CLIPTextConfig(**config.text_config))
+        self.text_encoder.requires_grad_(config.train_text_encoder)
+        hidden = config.referring_decoder_channels or config.unet_channels[-1] // 2
+        self.decoder = VPDReferringDecoder(self.vpd.feature_channels(num_tokens=config.token_length), hidden)
+        self.post_init()
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """CLIP's last hidden states `(N, token_length, D)` of `input_ids` `(N, token_length)` (padding unmasked, as the
+        official model); without gradients unless `config.train_text_encoder`."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+            raise ValueError(f"`input_ids` must be an integer tensor (num_texts, {self.config.token_length}).")
+        if input_ids.shape[1] != self.config.token_length:
+            raise ValueError(
+                f"`input_ids` must have exactly `token_length` = {self.config.token_length} tokens per expression "
+                f"(pad/truncate with VPDProcessor), got {input_ids.shape[1]}."
+            )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_text_encoder):
+            return self.text_encoder(input_ids=input_ids).last_hidden_state
+
+    @staticmethod
+    def _resolve_image_indices(
+        image_indices: torch.Tensor | None, num_texts: int, num_images: int, device
+    ) -> torch.Tensor:
+        if image_indices is None:
+            if num_images not in (1, num_texts):
+                raise ValueError(
+                    f"Got {num_texts} expressions for {num_images} images: pass `image_indices` (the image of each "
+                    "expression), or one image, or one expression per image."
+                )
+            return (
+                torch.arange(num_texts, device=device)
+                if num_images == num_texts
+                else torch.zeros(num_texts, dtype=torch.long, device=device)
+            )
+        indices = torch.as_tensor(image_indices, device=device)
+        if indices.shape != (num_texts,) or indices.is_floating_point() or indices.dtype == torch.bool:
+            raise ValueError(
+                f"`image_indices` must be {num_texts} integers (one per expression), got {tuple(indices.shape)}."
+            )
+        if bool(((indices < 0) | (indices >= num_images)).any()):
+            raise ValueError(f"`image_indices` must lie in [0, {num_images - 1}], got {indices.tolist()}.")
+        return indices.long()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_mask: torch.Tensor | None = None,
+        image_indices: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> VPDReferringSegmentationOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`): images in [-1, 1] (each encoded once).
+            input_ids (`torch.LongTensor` of shape `(N, token_length)`): the tokenized expressions.
+            attention_mask (`torch.LongTensor`, *optional*): accepted for compatibility with the tokenizer's output and
+                not used: the official model does not mask padding tokens.
+            labels (`torch.LongTensor` of shape `(N, H, W)`, *optional*): 1 = referred object, 0 = background,
+                255 = ignored.
+            pixel_mask (`torch.LongTensor` of shape `(num_images, H, W)`, *optional*): 1 on image pixels, 0 on padding.
+            image_indices (`torch.LongTensor` of shape `(N,)`, *optional*): the image of each expression (default: one
+                image per expression, or a single image shared by all).
+            latents (`torch.FloatTensor`, *optional*): `VPDModel.encode_images` output, instead of `pixel_values`.
+
+        Returns:
+            [`VPDReferringSegmentationOutput`] with `logits` `(N, 2, ceil(H / 8), ceil(W / 8))`.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (pixel_values is None) == (latents is None):
+            raise ValueError("Pass exactly one of `pixel_values` and `latents`.")
+        if input_ids is None:
+            raise ValueError("`input_ids` (the tokenized referring expressions) are required.")
+        if pixel_values is not None:
+            self.vpd._check_pixel_values(pixel_values)
+            _check_pixel_mask(pixel_mask, pixel_values)
+            height, width = pixel_values.shape[-2:]
+            latents = self.vpd.encode_images(pixel_values)
+        else:
+            height, width = (
+                latents.shape[-2] * self.config.vae_downsample_factor,
+                latents.shape[-1] * self.config.vae_downsample_factor,
+            )
+        text_states = self.encode_text(input_ids)
+        indices = self._resolve_image_indices(image_indices, input_ids.shape[0], latents.shape[0], latents.device)
+        backbone = self.vpd(latents=latents[indices], prompt_embeds=text_states)
+        logits = self.decoder(backbone.feature_maps)[..., : math.ceil(height / 8), : math.ceil(width / 8)]
+        text_pixel_mask = None if pixel_mask is None else pixel_mask[indices]
+
+        loss = None
+        if labels is not None:
+            if tuple(labels.shape) != (input_ids.shape[0], height, width):
+                raise ValueError(
+                    f"`labels` must have shape {(input_ids.shape[0], height, width)} (one mask per expression), "
+                    f"got {tuple(labels.shape)}."
+                )
+            if text_pixel_mask is not None:
+                labels = labels.masked_fill(text_pixel_mask == 0, 255)
+            upsampled = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=True)
+            loss = semantic_cross_entropy(
+                upsampled,
+                labels,
+                ignore_index=255,
+                avg_non_ignore=True,
+                class_weight=torch.tensor(self.config.referring_loss_weights),
+            )
+        output = VPDReferringSegmentationOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=backbone.feature_maps if output_hidden_states else None,
+            attentions=backbone.attention_maps if output_attentions else None,
+            pixel_mask=text_pixel_mask,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @classmethod
+    def from_stable_diffusion(
+        cls,
+        pretrained_model_name_or_path: str,
+        token_length: int = 40,
+        *,
+        dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        cache_dir: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool | None = None,
+        **config_kwargs: Any,
+    ) -> VPDModelForReferringSegmentation:
+        r"""
+        Builds a VPD referring model from a diffusers-layout Stable Diffusion checkpoint: UNet, VAE encoder and the CLIP
+        text encoder (kept, frozen by default) are imported; cross-attention maps at 32x32 and 16x16 (512 scale). The
+        matching processor (with the checkpoint's tokenizer) is `VPDProcessor.from_stable_diffusion(...)`.
+
+        Args:
+            pretrained_model_name_or_path: e.g. `"stable-diffusion-v1-5/stable-diffusion-v1-5"`.
+            token_length: tokens per expression (40 for RefCOCO/RefCOCO+, 77 for RefCOCOg).
+            config_kwargs: any other `VPDConfig` field (e.g. `train_text_encoder=True`).
+        """
+
+        def make_prompts(text_encoder: nn.Module, tokenizer: Any) -> dict[str, Any]:
+            return {
+                "text_encoder_state_dict": text_encoder.state_dict(),
+                "text_config": text_encoder.config.to_dict(),
+                "num_prompts": 0,
+                "token_length": token_length,
+                "attention_resolutions": [32, 16],
+            }
+
+        hub_kwargs = _hub_kwargs(revision, variant, cache_dir, token, local_files_only)
+        return cls._build_from_stable_diffusion(
+            pretrained_model_name_or_path, make_prompts, config_kwargs, hub_kwargs, dtype
+        )
+
+
 __all__ = [
     "VPDBackboneOutput",
     "VPDDepthEstimatorOutput",
     "VPDModel",
     "VPDModelForDepthEstimation",
+    "VPDModelForReferringSegmentation",
     "VPDModelForSegmentation",
     "VPDModelForSemanticSegmentation",
     "VPDPreTrainedModel",
+    "VPDReferringSegmentationOutput",
     "VPDSemanticSegmenterOutput",
     "VPDTextAdapter",
     "VPDVAEEncoder",

@@ -120,6 +120,19 @@ def tiny_segmentation_config(class_names: list[str] | None = None, **overrides: 
     return tiny_vpd_config(**kwargs)
 
 
+def tiny_referring_config(token_length: int = 8, vocab_size: int = 706, **overrides: Any) -> VPDConfig:
+    """A `VPDConfig` for a tiny referring model (tiny CLIP text encoder, no prompt table, maps at 32 and 16)."""
+    kwargs = {
+        "num_prompts": 0,
+        "text_config": tiny_clip_text_config(vocab_size, TINY_UNET_CONFIG["cross_attention_dim"]).to_dict(),
+        "token_length": token_length,
+        "attention_resolutions": [32, 16],
+        "referring_decoder_channels": 32,
+    }
+    kwargs.update(overrides)
+    return tiny_vpd_config(**kwargs)
+
+
 def _byte_alphabet() -> list[str]:
     """The 256 printable characters byte-level BPE uses for the bytes 0-255 (printable ASCII/Latin-1 map to
     themselves, the rest to code points from 256 up)."""
@@ -221,6 +234,7 @@ __all__ = [
     "save_tiny_clip_tokenizer",
     "save_tiny_stable_diffusion",
     "tiny_clip_text_config",
+    "tiny_referring_config",
     "tiny_segmentation_config",
     "tiny_vpd_config",
 ]

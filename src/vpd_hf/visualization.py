@@ -198,11 +198,47 @@ def overlay_segmentation(
     return canvas
 
 
+def overlay_mask(
+    image: Image.Image | np.ndarray | torch.Tensor,
+    mask: torch.Tensor | np.ndarray | Image.Image,
+    color: tuple[int, int, int] = (255, 64, 64),
+    alpha: float = 0.5,
+    caption: str | None = None,
+) -> Image.Image:
+    r"""
+    The image with a binary `mask` (non-zero = object, same size) tinted in `color`, its outline drawn, and an optional
+    `caption` (e.g. the referring expression) in a band under the image.
+    """
+    rgb = _to_rgb_array(image)
+    selected = np.asarray(mask) if isinstance(mask, Image.Image) else mask
+    selected = selected.detach().cpu().numpy() if isinstance(selected, torch.Tensor) else np.asarray(selected)
+    if selected.shape != rgb.shape[:2]:
+        raise ValueError(f"`mask` must have the image's size {rgb.shape[:2]}, got {selected.shape}.")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
+    selected = selected != 0
+    blended = rgb.astype(np.float64)
+    blended[selected] = (1 - alpha) * blended[selected] + alpha * np.asarray(color, dtype=np.float64)
+    # Outline: mask pixels with a 4-neighbour outside the mask.
+    padded = np.pad(selected, 1)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    blended[selected & ~interior] = color
+    picture = Image.fromarray(np.round(blended).astype(np.uint8))
+    if not caption:
+        return picture
+    font = ImageFont.load_default()
+    canvas = Image.new("RGB", (picture.width, picture.height + 18), (255, 255, 255))
+    canvas.paste(picture, (0, 0))
+    ImageDraw.Draw(canvas).text((4, picture.height + 3), caption, fill=(0, 0, 0), font=font)
+    return canvas
+
+
 __all__ = [
     "COLORMAPS",
     "apply_colormap",
     "colorize_depth",
     "depth_to_uint16_png",
+    "overlay_mask",
     "overlay_segmentation",
     "segmentation_palette",
 ]

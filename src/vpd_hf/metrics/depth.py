@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import datasets
@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..losses import scale_invariant_log_error
+from .base import StatisticsMetric, paired_maps
 
 DEPTH_METRIC_NAMES = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
 # Eigen et al.'s crop of the 480x640 NYUv2 frames (rows 45:471, columns 41:601), used by VPD's evaluation.
@@ -85,18 +86,6 @@ def image_depth_metrics(
     return {name: float(value) for name, value in metrics.items()}
 
 
-def _iter_maps(values: Any, name: str) -> Iterable[Any]:
-    if isinstance(values, (torch.Tensor, np.ndarray)):
-        if values.ndim == 2:
-            return [values]
-        if values.ndim == 3:
-            return list(values)
-        raise ValueError(
-            f"`{name}` must be a (H, W) map, a (B, H, W) batch or a list of maps, got shape {values.shape}."
-        )
-    return list(values)
-
-
 class DepthMetricAccumulator:
     r"""
     Streaming NYUv2 depth metrics: :meth:`update` with batches of predictions and references, :meth:`compute` the
@@ -121,10 +110,7 @@ class DepthMetricAccumulator:
         self.num_skipped = 0
 
     def update(self, predictions: Any, references: Any) -> None:
-        preds, refs = _iter_maps(predictions, "predictions"), _iter_maps(references, "references")
-        if len(preds) != len(refs):
-            raise ValueError(f"Got {len(preds)} predictions for {len(refs)} references.")
-        for pred, ref in zip(preds, refs, strict=True):
+        for pred, ref in paired_maps(predictions, references):
             self.add(image_depth_metrics(pred, ref, self.min_depth, self.max_depth, self.eigen_crop))
 
     def add(self, metrics: dict[str, float] | None) -> None:
@@ -170,7 +156,7 @@ Returns:
 """
 
 
-class DepthMetric(evaluate.Metric):
+class DepthMetric(StatisticsMetric):
     r"""
     The depth metrics as an offline `evaluate.Metric` (instantiate it directly; nothing is downloaded):
 
@@ -178,8 +164,7 @@ class DepthMetric(evaluate.Metric):
         >>> metric.add_batch(predictions=preds, references=depths)
         >>> metric.compute()
 
-    Each added pair is reduced to its per-image metrics at once, so evaluate's cache (and its multi-process gathering
-    through `num_process` / `process_id`) holds nine numbers per image instead of the depth maps.
+    Each added pair is reduced to its per-image metrics at once: evaluate's cache holds nine numbers per image.
     """
 
     def __init__(
@@ -198,34 +183,15 @@ class DepthMetric(evaluate.Metric):
             features=datasets.Features(features),
         )
 
-    def _rows(self, predictions: Any, references: Any) -> dict[str, list]:
-        preds, refs = _iter_maps(predictions, "predictions"), _iter_maps(references, "references")
-        if len(preds) != len(refs):
-            raise ValueError(f"Got {len(preds)} predictions for {len(refs)} references.")
+    def _statistics(self, pairs: list[tuple[Any, Any]]) -> dict[str, list]:
         rows: dict[str, list] = {name: [] for name in (*DEPTH_METRIC_NAMES, "valid")}
-        s = self._settings
-        for pred, ref in zip(preds, refs, strict=True):
-            metrics = image_depth_metrics(pred, ref, s.min_depth, s.max_depth, s.eigen_crop)
+        settings = self._settings
+        for pred, ref in pairs:
+            metrics = image_depth_metrics(pred, ref, settings.min_depth, settings.max_depth, settings.eigen_crop)
             for name in DEPTH_METRIC_NAMES:
                 rows[name].append(0.0 if metrics is None else metrics[name])
             rows["valid"].append(metrics is not None)
         return rows
-
-    def add_batch(self, *, predictions: Any = None, references: Any = None, **kwargs: Any) -> None:
-        """Adds a batch of depth maps and their references (reduced to per-image metrics at once)."""
-        if kwargs:
-            raise ValueError(f"Unexpected inputs {sorted(kwargs)}; pass `predictions` and `references`.")
-        super().add_batch(**self._rows(predictions, references))
-
-    def add(self, *, prediction: Any = None, reference: Any = None, **kwargs: Any) -> None:
-        """Adds one depth map and its reference."""
-        self.add_batch(predictions=[prediction], references=[reference], **kwargs)
-
-    def compute(self, *, predictions: Any = None, references: Any = None, **kwargs: Any) -> dict[str, float] | None:
-        """Per-image average of the metrics of everything added (and of `predictions`/`references` if given)."""
-        if predictions is not None or references is not None:
-            self.add_batch(predictions=predictions, references=references)
-        return super().compute(**kwargs)
 
     def _compute(self, valid: Sequence[bool] = (), **columns: Sequence[float]) -> dict[str, float]:
         accumulator = DepthMetricAccumulator(

@@ -16,6 +16,8 @@ import evaluate
 import numpy as np
 import torch
 
+from .base import StatisticsMetric, paired_maps
+
 MEAN_IOU_KEYS = ("mean_iou", "mean_accuracy", "overall_accuracy", "per_category_iou", "per_category_accuracy")
 
 
@@ -24,18 +26,6 @@ def _as_label_tensor(value: Any, name: str) -> torch.Tensor:
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
         raise TypeError(f"`{name}` must hold integer class indices, got dtype {tensor.dtype}.")
     return tensor.long()
-
-
-def _iter_maps(values: Any, name: str) -> list[Any]:
-    if isinstance(values, (torch.Tensor, np.ndarray)):
-        if values.ndim == 2:
-            return [values]
-        if values.ndim == 3:
-            return list(values)
-        raise ValueError(
-            f"`{name}` must be a (H, W) map, a (B, H, W) batch or a list of maps, got shape {values.shape}."
-        )
-    return list(values)
 
 
 class MeanIoUAccumulator:
@@ -93,10 +83,7 @@ class MeanIoUAccumulator:
         return torch.bincount(label * size + pred, minlength=size * size).reshape(size, size)
 
     def update(self, predictions: Any, references: Any) -> None:
-        preds, refs = _iter_maps(predictions, "predictions"), _iter_maps(references, "references")
-        if len(preds) != len(refs):
-            raise ValueError(f"Got {len(preds)} predictions for {len(refs)} references.")
-        for pred, ref in zip(preds, refs, strict=True):
+        for pred, ref in paired_maps(predictions, references):
             self.add_confusion(self.image_confusion(pred, ref))
 
     def add_confusion(self, confusion: torch.Tensor, num_images: int = 1) -> None:
@@ -161,7 +148,7 @@ Returns:
 """
 
 
-class MeanIoU(evaluate.Metric):
+class MeanIoU(StatisticsMetric):
     r"""
     Mean IoU as an offline `evaluate.Metric` (instantiate it directly; nothing is downloaded). The settings that
     evaluate's `mean_iou` takes in `compute` are given at construction:
@@ -170,8 +157,8 @@ class MeanIoU(evaluate.Metric):
         >>> metric.add_batch(predictions=preds, references=annotations)
         >>> metric.compute()
 
-    Each image is reduced at once to its confusion matrix, so evaluate's cache (and its multi-process gathering) holds
-    `(num_labels + 1)^2` counts per image, never the maps.
+    Each image is reduced at once to its confusion matrix: evaluate's cache holds `(num_labels + 1)^2` counts per
+    image, never the maps.
     """
 
     def __init__(
@@ -195,25 +182,8 @@ class MeanIoU(evaluate.Metric):
             features=datasets.Features({"confusion": datasets.Sequence(datasets.Value("int64"))}),
         )
 
-    def add_batch(self, *, predictions: Any = None, references: Any = None, **kwargs: Any) -> None:
-        """Adds a batch of label maps and their references (each reduced to a confusion matrix at once)."""
-        if kwargs:
-            raise ValueError(f"Unexpected inputs {sorted(kwargs)}; pass `predictions` and `references`.")
-        preds, refs = _iter_maps(predictions, "predictions"), _iter_maps(references, "references")
-        if len(preds) != len(refs):
-            raise ValueError(f"Got {len(preds)} predictions for {len(refs)} references.")
-        rows = [self._accumulator.image_confusion(p, r).flatten().tolist() for p, r in zip(preds, refs, strict=True)]
-        super().add_batch(confusion=rows)
-
-    def add(self, *, prediction: Any = None, reference: Any = None, **kwargs: Any) -> None:
-        """Adds one label map and its reference."""
-        self.add_batch(predictions=[prediction], references=[reference], **kwargs)
-
-    def compute(self, *, predictions: Any = None, references: Any = None, **kwargs: Any) -> dict[str, Any] | None:
-        """The metrics of everything added (and of `predictions`/`references` if given)."""
-        if predictions is not None or references is not None:
-            self.add_batch(predictions=predictions, references=references)
-        return super().compute(**kwargs)
+    def _statistics(self, pairs: list[tuple[Any, Any]]) -> dict[str, list]:
+        return {"confusion": [self._accumulator.image_confusion(p, r).flatten().tolist() for p, r in pairs]}
 
     def _compute(self, confusion: Sequence[Sequence[int]] = ()) -> dict[str, Any]:
         size = self._accumulator.num_labels + 1

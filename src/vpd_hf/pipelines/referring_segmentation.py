@@ -1,0 +1,107 @@
+"""The `referring-image-segmentation` pipeline: an image and referring expressions in, one mask per expression out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from transformers import Pipeline
+from transformers.image_utils import load_image
+
+
+class ReferringImageSegmentationPipeline(Pipeline):
+    r"""
+    Segments the object each referring expression describes.
+
+    Example:
+
+        >>> import vpd_hf
+        >>> from transformers import pipeline
+        >>> segmenter = pipeline("referring-image-segmentation", model="path/to/vpd-refcoco")
+        >>> segmenter("street.jpg", text="the man in the red shirt")
+        {'mask': <PIL.Image.Image mode=L>, 'score': 0.93, 'text': 'the man in the red shirt'}
+        >>> segmenter("street.jpg", text=["the man in the red shirt", "the bus"])  # one result per expression
+        >>> segmenter([{"image": "a.jpg", "text": "left dog"}, {"image": "b.jpg", "text": ["cat", "sofa"]}])
+
+    Each result has the binary `mask` (PIL "L", 0/255, at the image's size), the `text`, and a `score`: the mean
+    foreground probability over the mask (the largest foreground probability when the mask is empty). Several
+    expressions about one image share one image encoding. Expressions longer than the model's token length are
+    truncated (with a warning); empty ones are an error.
+    """
+
+    _load_processor = True
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def _sanitize_parameters(
+        self, text: Any = None, threshold: float | None = None, timeout: float | None = None, **kwargs: Any
+    ):
+        if kwargs:
+            raise ValueError(f"Unknown arguments {sorted(kwargs)}; expected `text`, `threshold` or `timeout`.")
+        preprocess = {}
+        if text is not None:
+            preprocess["text"] = text
+        if timeout is not None:
+            preprocess["timeout"] = timeout
+        postprocess = {} if threshold is None else {"threshold": threshold}
+        return preprocess, {}, postprocess
+
+    def __call__(self, inputs: Any, text: Any = None, **kwargs: Any) -> Any:
+        """`inputs`: an image (PIL, path or URL), a `{"image", "text"}` dict, or a list of them; `text`: an expression
+        or a list of expressions, applied to every image given without its own text."""
+        return super().__call__(inputs, text=text, **kwargs)
+
+    def preprocess(self, inputs: Any, text: Any = None, timeout: float | None = None) -> dict[str, Any]:
+        if isinstance(inputs, dict):
+            image, text = inputs.get("image"), inputs.get("text", text)
+        else:
+            image = inputs
+        if text is None:
+            raise ValueError("`text` is required: the expression (or expressions) describing what to segment.")
+        texts = [text] if isinstance(text, str) else list(text)
+        image = load_image(image, timeout=timeout)
+        model_inputs = self.processor(images=image, text=texts, return_tensors="pt").to(self.dtype)
+        model_inputs["target_size"] = (image.height, image.width)
+        model_inputs["texts"] = texts
+        model_inputs["single"] = isinstance(text, str)
+        return model_inputs
+
+    def _forward(self, model_inputs: dict[str, Any]) -> Any:
+        meta = {key: model_inputs.pop(key) for key in ("target_size", "texts", "single")}
+        outputs = self.model(**model_inputs)
+        for key, value in meta.items():
+            outputs[key] = value
+        return outputs
+
+    def postprocess(self, model_outputs: Any, threshold: float = 0.5) -> dict[str, Any] | list[dict[str, Any]]:
+        texts = model_outputs["texts"]
+        sizes = [model_outputs["target_size"]] * len(texts)
+        predictions = self.processor.post_process_referring_segmentation(model_outputs, sizes, threshold=threshold)
+        results = []
+        for text, prediction in zip(texts, predictions, strict=True):
+            mask, probabilities = prediction["mask"], prediction["probabilities"]
+            score = probabilities[mask].mean() if bool(mask.any()) else probabilities.max()
+            picture = Image.fromarray(mask.numpy().astype(np.uint8) * 255)
+            results.append({"mask": picture, "score": float(score), "text": text})
+        return results[0] if model_outputs["single"] else results
+
+
+def register_referring_pipeline() -> None:
+    """Registers the `referring-image-segmentation` task with transformers' pipeline registry."""
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    from ..modeling_vpd import VPDModelForReferringSegmentation
+
+    if "referring-image-segmentation" in PIPELINE_REGISTRY.supported_tasks:
+        return
+    PIPELINE_REGISTRY.register_pipeline(
+        "referring-image-segmentation",
+        pipeline_class=ReferringImageSegmentationPipeline,
+        pt_model=VPDModelForReferringSegmentation,
+        type="multimodal",
+    )
+
+
+__all__ = ["ReferringImageSegmentationPipeline", "register_referring_pipeline"]
