@@ -209,3 +209,25 @@ def test_sd15_sized_parameter_counts_match_the_reference():
 def test_from_config_through_the_auto_class():
     model = AutoModelForDepthEstimation.from_config(tiny_vpd_config(max_depth=80.0))
     assert isinstance(model, VPDModelForDepthEstimation) and model.head.max_depth == 80.0
+
+
+def test_float16_keeps_the_vae_in_float32_and_detects_overflow(depth_model, make_pixels, tmp_path):
+    depth_model.save_pretrained(tmp_path)
+    half = VPDModelForDepthEstimation.from_pretrained(tmp_path, dtype=torch.float16).eval()
+    assert half.vpd.vae.encoder.conv_in.weight.dtype == torch.float32  # SD's VAE overflows in fp16
+    assert (
+        half.vpd.unet.conv_in.weight.dtype == torch.float16
+        and half.head.neck.out_layer[0].weight.dtype == torch.float16
+    )
+    with torch.no_grad():
+        depth = half(make_pixels(1, 3, 64, 64).half()).predicted_depth
+    assert depth.dtype == torch.float16 and torch.isfinite(depth).all()
+    assert (
+        VPDModelForDepthEstimation.from_pretrained(tmp_path, dtype=torch.bfloat16).vpd.vae.encoder.conv_in.weight.dtype
+        == torch.bfloat16
+    )
+    half.vpd.vae.half()
+    with torch.no_grad():
+        half.vpd.vae.quant_conv.bias.fill_(float("inf"))  # what an fp16 overflow in the encoder produces
+        with pytest.raises(FloatingPointError, match="overflowed in float16"):
+            half(make_pixels(1, 3, 64, 64).half())

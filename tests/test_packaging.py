@@ -30,7 +30,10 @@ def test_bundled_photo_ships_with_the_package():
 
     assert example_image_path().is_file()
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'vpd_hf = ["assets/*"]' in pyproject
+    assert 'vpd_hf = ["assets/*", "training/recipes/*.yaml"]' in pyproject
+    from vpd_hf.training.config import RECIPES, recipe_path
+
+    assert all(recipe_path(name).is_file() for name in RECIPES)
 
 
 def test_import_registers_the_auto_classes():

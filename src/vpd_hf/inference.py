@@ -7,7 +7,9 @@ eval-mode forward (and therefore transformers' pipelines) and the evaluation scr
   moved back to end at the border), each window's logits at the window's resolution, summed and divided by the number
   of windows covering each pixel;
 * `test_time_logits`: that (or one whole-image pass) at several scales and optionally on the flipped image, with the
-  softmax probabilities averaged over the views (mmsegmentation's `aug_test`).
+  softmax probabilities averaged over the views (mmsegmentation's `aug_test`);
+* `shifted_window_depth`: VPD's NYUv2 depth test — square windows shifted along the long side of the image (two at
+  480x640: offsets 0 and 160), each also predicted flipped, averaged where they overlap.
 """
 
 from __future__ import annotations
@@ -120,4 +122,44 @@ def test_time_logits(
     return torch.log((probabilities / len(views)).clamp_min(torch.finfo(torch.float32).tiny))
 
 
-__all__ = ["sliding_window_logits", "test_time_logits"]
+def shifted_window_depth(
+    depth_fn: Callable[[torch.Tensor], torch.Tensor],
+    pixel_values: torch.Tensor,
+    num_windows: int = 2,
+    flip: bool = True,
+) -> torch.Tensor:
+    r"""
+    Args:
+        depth_fn: maps images `(B, 3, h, w)` to depth `(B, h, w)`.
+        pixel_values: `(B, 3, H, W)`.
+        num_windows: square `H x H` windows spaced evenly from the left to the right edge when `W > H` (the official
+            `--shift_window_test --shift_size 2`); 1, or a portrait/square image, means one whole-image pass.
+        flip: also predict each window mirrored and average (the official `--flip_test`).
+
+    Returns:
+        Depth `(B, H, W)`: the mean over the views covering each pixel.
+    """
+    if not isinstance(num_windows, int) or num_windows < 1:
+        raise ValueError(f"`num_windows` must be a positive integer, got {num_windows!r}.")
+    batch, _, height, width = pixel_values.shape
+    if width > height and num_windows > 1:
+        step = (width - height) // (num_windows - 1)
+        spans = [(i * step, i * step + height) for i in range(num_windows)]
+    else:
+        spans = [(0, width)]
+    windows = torch.cat([pixel_values[..., left:right] for left, right in spans])
+    if flip:
+        windows = torch.cat([windows, windows.flip(-1)])
+    depth = depth_fn(windows).float()
+    if flip:
+        half = depth.shape[0] // 2
+        depth = (depth[:half] + depth[half:].flip(-1)) / 2
+    total = depth.new_zeros((batch, height, width))
+    count = depth.new_zeros((1, height, width))
+    for index, (left, right) in enumerate(spans):
+        total[..., left:right] += depth[index * batch : (index + 1) * batch]
+        count[..., left:right] += 1
+    return total / count
+
+
+__all__ = ["shifted_window_depth", "sliding_window_logits", "test_time_logits"]

@@ -214,6 +214,9 @@ class VPDPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
+    # Stable Diffusion's VAE overflows in float16 (not in bfloat16): `from_pretrained(dtype=torch.float16)` keeps it
+    # in float32; `encode_images` casts its input and output.
+    _keep_in_fp32_modules = ["vae"]
     _no_split_modules = [
         "BasicTransformerBlock",
         "ResnetBlock2D",
@@ -424,6 +427,11 @@ class VPDModel(VPDPreTrainedModel):
         vae_dtype = self.vae.encoder.conv_in.weight.dtype
         with torch.no_grad():
             latents = self.vae(pixel_values.to(vae_dtype))
+        if vae_dtype == torch.float16 and not bool(torch.isfinite(latents).all()):
+            raise FloatingPointError(
+                "The VAE encoder overflowed in float16 (a known property of Stable Diffusion's VAE). Keep it in float32: "
+                "`model.vpd.vae.float()`, as `from_pretrained(..., dtype=torch.float16)` does, or use bfloat16."
+            )
         scaling = self.config.latent_scaling
         if scaling == "scaling_factor":
             latents = latents * float(self.config.vae_config.get("scaling_factor", 0.18215))

@@ -1,0 +1,161 @@
+"""Training/evaluation datasets and models from a :class:`TrainConfig` (the wiring; the work is in `vpd_hf.data`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+TINY_SOURCE = "tiny-random"
+
+
+def load_raw_splits(config: TrainConfig) -> tuple[Any, Any, dict[int, str] | None]:
+    """The raw train / eval `datasets.Dataset`s (Hub layout) and, if the data names its classes, `id2label` in the
+    annotation's numbering (0 = "other" for ADE-style labels)."""
+    import datasets
+
+    config_name = config.dataset_config or ("referring" if config.task == "referring" else "scenes")
+    if config.dataset == "synthetic":
+        from ..data.synthetic import SYNTHETIC_ID2LABEL, make_synthetic_dataset
+
+        size = config.synthetic_size
+        splits = make_synthetic_dataset(
+            config.synthetic_num_train, config.synthetic_num_eval, size, size, seed=config.seed
+        )[config_name]
+        return splits["train"], splits["validation"], dict(SYNTHETIC_ID2LABEL)
+    path = Path(config.dataset)
+    id2label = None
+    if path.is_dir():
+        if (path / "id2label.json").is_file():
+            id2label = {int(k): v for k, v in json.loads((path / "id2label.json").read_text()).items()}
+        if (path / config_name).is_dir():
+            splits = datasets.load_dataset(str(path), config_name)
+        else:
+            splits = datasets.load_dataset("parquet", data_dir=str(path))
+    else:
+        splits = datasets.load_dataset(config.dataset, config.dataset_config)
+    for split in (config.train_split, config.eval_split):
+        if split not in splits:
+            raise ValueError(f"Dataset {config.dataset!r} has no split {split!r}; it has {sorted(splits)}.")
+    return splits[config.train_split], splits[config.eval_split], id2label
+
+
+def class_names(id2label: dict[int, str] | None) -> list[str] | None:
+    """Model class names from an ADE-style `id2label` (0 = "other", dropped by the label reduction)."""
+    if not id2label:
+        return None
+    return [id2label[k] for k in sorted(id2label) if k != 0]
+
+
+def _is_vpd_checkpoint(source: str) -> bool:
+    path = Path(source)
+    if path.is_dir():
+        config = path / "config.json"
+        return config.is_file() and json.loads(config.read_text()).get("model_type") == "vpd"
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(source).model_type == "vpd"
+    except (OSError, ValueError):
+        return False
+
+
+def tiny_model_overrides(task: str) -> dict[str, Any]:
+    from ..testing_utils import TINY_DEPTH_HEAD, TINY_SEGMENTATION_HEAD
+
+    return {"depth": TINY_DEPTH_HEAD, "segmentation": TINY_SEGMENTATION_HEAD, "referring": {}}[task] | (
+        {"referring_decoder_channels": 32} if task == "referring" else {}
+    )
+
+
+def build_model_and_processor(config: TrainConfig, id2label: dict[int, str] | None, accelerator: Any = None):
+    """The task model and its processor: from a VPD checkpoint, a Stable Diffusion checkpoint, or `tiny-random`."""
+    from ..image_processing_vpd import VPDImageProcessor
+    from ..modeling_vpd import VPDModelForDepthEstimation, VPDModelForReferringSegmentation, VPDModelForSegmentation
+    from ..processing_vpd import VPDProcessor
+
+    model_class = {
+        "depth": VPDModelForDepthEstimation,
+        "segmentation": VPDModelForSegmentation,
+        "referring": VPDModelForReferringSegmentation,
+    }[config.task]
+    source, overrides = config.model, dict(config.model_overrides)
+    if source == TINY_SOURCE:
+        from ..testing_utils import save_tiny_stable_diffusion
+
+        source = str(Path(config.output_dir) / "tiny-stable-diffusion")
+        if accelerator is None or accelerator.is_main_process:
+            save_tiny_stable_diffusion(source, seed=config.seed)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        overrides = tiny_model_overrides(config.task) | overrides
+
+    if _is_vpd_checkpoint(source):
+        model = model_class.from_pretrained(source)
+        if config.task == "referring":
+            processor = VPDProcessor.from_pretrained(source)
+        else:
+            try:
+                processor = VPDImageProcessor.from_pretrained(source)
+            except OSError:
+                processor = VPDImageProcessor.for_task(config.task)
+        return model, processor
+
+    show_progress = accelerator is None or accelerator.is_local_main_process
+    if config.task == "depth":
+        kwargs: dict[str, Any] = {"show_progress": show_progress}
+    elif config.task == "segmentation":
+        kwargs = {"show_progress": show_progress, "class_names": class_names(id2label)}
+    else:
+        kwargs = {"token_length": config.token_length}
+    model = model_class.from_stable_diffusion(source, **kwargs, **overrides)
+    if config.task == "referring":
+        processor = VPDProcessor.from_stable_diffusion(source, token_length=config.token_length)
+    else:
+        processor = VPDImageProcessor.for_task(config.task)
+    return model, processor
+
+
+def build_datasets(config: TrainConfig, train_raw: Any, eval_raw: Any, model: Any, processor: Any) -> tuple[Any, Any]:
+    """The adapters of `vpd_hf.data` over the raw splits (training augmentation / evaluation protocol)."""
+    from .. import data
+
+    if config.max_train_samples is not None:
+        train_raw = train_raw.select(range(min(config.max_train_samples, len(train_raw))))
+    if config.max_eval_samples is not None:
+        eval_raw = eval_raw.select(range(min(config.max_eval_samples, len(eval_raw))))
+    common = {"image_column": config.image_column, "seed": config.seed}
+    if config.task == "depth":
+        scene_column = config.scene_column or ("scene" if "scene" in train_raw.column_names else None)
+        options = {
+            **common,
+            "depth_column": config.label_column or "depth_map",
+            "scene_column": scene_column,
+            "scene_names": model.config.prompt_names,
+            "max_depth": float(model.config.max_depth),
+        }
+        crop = config.crop_size or 480
+        train = data.depth_dataset(train_raw, "train", crop_size=(crop, crop), **options)
+        evaluation = data.depth_dataset(eval_raw, "eval", **options)
+    elif config.task == "segmentation":
+        options = {**common, "label_column": config.label_column or "annotation"}
+        crop = config.crop_size or 512
+        # The recipe's resize range is relative to its 512 crop: keep the ratio for other crop sizes.
+        train = data.segmentation_dataset(
+            train_raw, "train", crop_size=(crop, crop), img_scale=(4 * crop, crop), **options
+        )
+        evaluation = data.segmentation_dataset(eval_raw, "eval", img_scale=(4 * crop, crop), **options)
+    else:
+        tokenizer = processor.tokenizer
+        options = {**common, "token_length": config.token_length, "image_root": config.image_root}
+        train = data.referring_dataset(train_raw, "train", tokenizer, **options)
+        evaluation = data.referring_dataset(eval_raw, "eval", tokenizer, **options)
+    return train, evaluation
+
+
+__all__ = ["TINY_SOURCE", "build_datasets", "build_model_and_processor", "class_names", "load_raw_splits"]

@@ -1,0 +1,330 @@
+"""The accelerate training loop behind `scripts/train.py` (one process per device; `accelerate launch` for many)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .data import build_datasets, build_model_and_processor, load_raw_splits
+from .evaluation import EvaluationOptions, evaluate
+from .lora import add_unet_lora, merge_unet_lora, save_unet_lora
+from .optimization import build_optimizer, build_scheduler, describe_groups
+
+logger = logging.getLogger("vpd_hf.training")
+
+TRAINING_STATE = "training_state.json"
+TRAINING_LOG = "training_log.jsonl"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; training stops instead of training through it."""
+
+
+def _strip_module(name: str) -> str:
+    return name[len("module.") :] if name.startswith("module.") else name
+
+
+def compact_state_names(model: torch.nn.Module) -> set[str]:
+    """What a training checkpoint needs: the trainable parameters and the buffers (BatchNorm statistics, prompts).
+    Frozen weights (VAE, a frozen text encoder, a LoRA-frozen UNet) come back from the model source on resume."""
+    names = {name for name, param in model.named_parameters() if param.requires_grad}
+    persistent = set(model.state_dict())
+    return names | {name for name, _ in model.named_buffers() if name in persistent}
+
+
+def register_compact_checkpoints(accelerator: Any, model: torch.nn.Module) -> None:
+    """Checkpoints keep only :func:`compact_state_names` (LoRA checkpoints: adapter + heads), and resume loads them
+    into the model rebuilt from its source."""
+    keep = compact_state_names(accelerator.unwrap_model(model))
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        for index, state in enumerate(weights):
+            weights[index] = {key: value for key, value in state.items() if _strip_module(key) in keep}
+
+    def load_hook(models: list, input_dir: str) -> None:
+        while models:
+            target = accelerator.unwrap_model(models.pop())
+            state = {_strip_module(k): v for k, v in load_file(Path(input_dir) / "model.safetensors").items()}
+            result = target.load_state_dict(state, strict=False)
+            missing = [name for name in result.missing_keys if name in keep]
+            if missing or result.unexpected_keys:
+                raise ValueError(
+                    f"Checkpoint {input_dir} does not match the model: missing {missing[:5]}, "
+                    f"unexpected {result.unexpected_keys[:5]}."
+                )
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _checkpoint_dirs(output_dir: Path) -> list[Path]:
+    folder = output_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and p.name.startswith("checkpoint_") and (p / TRAINING_STATE).is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name.split("_")[-1]))
+
+
+def resolve_checkpoint(config: TrainConfig) -> Path | None:
+    if not config.resume_from_checkpoint:
+        return None
+    if config.resume_from_checkpoint == "latest":
+        found = _checkpoint_dirs(Path(config.output_dir))
+        if not found:
+            logger.warning("No checkpoint in %s to resume from; starting from scratch.", config.output_dir)
+            return None
+        return found[-1]
+    path = Path(config.resume_from_checkpoint)
+    if not (path / TRAINING_STATE).is_file():
+        raise ValueError(f"`resume_from_checkpoint` {path} is not a checkpoint folder (no {TRAINING_STATE}).")
+    return path
+
+
+def _model_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    accepted = set(inspect.signature(model.forward).parameters)
+    return {key: value for key, value in batch.items() if key in accepted and isinstance(value, torch.Tensor)}
+
+
+def _epoch_setter(dataset: Any):
+    setter = getattr(dataset, "set_epoch", None)
+    if setter is None:
+        from .. import data
+
+        setter = getattr(data, "set_epoch", None)
+        return None if setter is None else (lambda epoch: setter(dataset, epoch))
+    return setter
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    r"""
+    Fine-tunes the VPD model of `config.task` and saves it (with its processor) into `config.output_dir`.
+
+    Returns:
+        `{"metrics": final evaluation metrics, "global_step": int, "output_dir": str, "history": [(step, loss), ...]}`.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir),
+            logging_dir=str(output_dir / "logs"),
+            automatic_checkpoint_naming=True,
+            total_limit=config.checkpoints_total_limit,
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(config.seed)
+
+    train_raw, eval_raw, id2label = load_raw_splits(config)
+    model, processor = build_model_and_processor(config, id2label, accelerator)
+    if config.lora_rank:
+        add_unet_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    train_dataset, eval_dataset = build_datasets(config, train_raw, eval_raw, model, processor)
+    from ..data import collate_fn
+
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(
+        train_dataset,
+        batch_size=config.per_device_train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate_fn,
+        num_workers=config.num_workers,
+        generator=generator,
+    )
+    # Segmentation is evaluated one image at a time, as the official test: predictions go back to each image's size.
+    eval_batch = 1 if config.task == "segmentation" else config.per_device_eval_batch_size
+    eval_loader = DataLoader(eval_dataset, batch_size=eval_batch, collate_fn=collate_fn, num_workers=config.num_workers)
+
+    optimizer = build_optimizer(
+        model,
+        config.task,
+        config.learning_rate,
+        config.weight_decay,
+        config.unet_lr_mult,
+        betas=tuple(config.adam_betas),
+        fused=True if accelerator.device.type == "cuda" else None,
+    )
+    if accelerator.num_processes > 1 and accelerator.distributed_type.value != "FSDP":
+        model.convert_sync_batchnorm()
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / config.gradient_accumulation_steps))
+    total_steps = config.max_steps or config.num_epochs * steps_per_epoch
+    scheduler = build_scheduler(
+        optimizer,
+        config.lr_schedule,
+        total_steps,
+        warmup_steps=config.warmup_steps,
+        warmup_ratio=config.warmup_ratio,
+        power=config.lr_power,
+        min_lr_ratio=config.min_lr_ratio,
+    )
+    # Stepped once per optimiser update by this loop (accelerate's prepared scheduler would step once per process).
+    accelerator.register_for_checkpointing(scheduler)
+    register_compact_checkpoints(accelerator, model)
+    options = EvaluationOptions(
+        depth_windows=config.eval_depth_windows,
+        flip=config.eval_flip,
+        segmentation_mode=config.eval_segmentation_mode,
+        scales=list(config.eval_scales),
+    )
+
+    global_step, start_epoch, skip_batches = 0, 0, 0
+    checkpoint = resolve_checkpoint(config)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / TRAINING_STATE).read_text())
+        global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
+        accelerator.project_configuration.iteration = int(checkpoint.name.split("_")[-1]) + 1
+        logger.info(
+            "Resumed from %s at step %d (epoch %d, batch %d).", checkpoint, global_step, start_epoch, skip_batches
+        )
+
+    if config.report_to != "none":
+        flat = {
+            k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in config.to_dict().items()
+        }
+        accelerator.init_trackers("vpd_hf", config=flat)
+    if accelerator.is_main_process:
+        logger.info(
+            "Training %s for %d steps (%d per epoch) on %d process(es); parameter groups: %s",
+            config.task, total_steps, steps_per_epoch, accelerator.num_processes,
+            describe_groups(optimizer.optimizer.param_groups if hasattr(optimizer, "optimizer") else optimizer.param_groups),
+        )  # fmt: skip
+
+    history: list[tuple[int, float]] = []
+    log_path = output_dir / TRAINING_LOG
+    if accelerator.is_main_process and checkpoint is None and log_path.exists():
+        log_path.unlink()
+    progress = tqdm(
+        total=total_steps, initial=global_step, desc="Training", disable=not accelerator.is_local_main_process
+    )
+    running, running_count = 0.0, 0
+    epoch = start_epoch
+    started = time.perf_counter()
+    while global_step < total_steps:
+        model.train()
+        train_loader.set_epoch(epoch)
+        setter = _epoch_setter(train_dataset)
+        if setter is not None:
+            setter(epoch)
+        loader = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        batches_in_epoch = skip_batches
+        skip_batches = 0
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(**_model_inputs(accelerator.unwrap_model(model), batch)).loss
+                finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1))
+                if bool((finite < 1).any()):
+                    raise NonFiniteLossError(
+                        f"Non-finite loss at optimiser step {global_step + 1} (epoch {epoch}, batch {batches_in_epoch}); "
+                        "lower the learning rate, check the data, or use bf16 instead of fp16."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            batches_in_epoch += 1
+            running += float(accelerator.gather(loss.detach().reshape(1)).mean())
+            running_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            global_step += 1
+            progress.update(1)
+            if global_step % config.logging_steps == 0 or global_step == total_steps:
+                mean_loss = running / running_count
+                running, running_count = 0.0, 0
+                history.append((global_step, mean_loss))
+                lr = scheduler.get_last_lr()
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{max(lr):.2e}")
+                accelerator.log({"train/loss": mean_loss, "train/lr": max(lr)}, step=global_step)
+                if accelerator.is_main_process:
+                    with log_path.open("a") as handle:
+                        handle.write(json.dumps({"step": global_step, "loss": mean_loss, "lr": max(lr)}) + "\n")
+            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+                saved = Path(accelerator.save_state())
+                if accelerator.is_main_process:
+                    state = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
+                    (saved / TRAINING_STATE).write_text(json.dumps(state))
+                accelerator.wait_for_everyone()
+            if config.eval_steps and global_step % config.eval_steps == 0 and global_step < total_steps:
+                metrics = evaluate(model, eval_loader, config.task, options, accelerator)
+                accelerator.log(
+                    {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=global_step
+                )
+                logger.info("step %d: %s", global_step, _summary(metrics))
+            if global_step >= total_steps:
+                break
+        epoch += 1
+    progress.close()
+    elapsed = time.perf_counter() - started
+
+    metrics = evaluate(model, eval_loader, config.task, options, accelerator)
+    accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=global_step)
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        if config.lora_rank:
+            save_unet_lora(unwrapped, output_dir / "lora")
+            if config.merge_lora:
+                merge_unet_lora(unwrapped)
+            else:  # the saved model is the base UNet + trained heads; `load_unet_lora` adds the adapter back
+                unwrapped.vpd.unet.unload_lora()
+        unwrapped.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        summary = {"metrics": metrics, "global_step": global_step, "train_seconds": elapsed, "config": config.to_dict()}
+        (output_dir / "all_results.json").write_text(json.dumps(summary, indent=2, default=str))
+        logger.info("Final metrics: %s; model saved to %s", _summary(metrics), output_dir)
+    if config.push_to_hub and accelerator.is_main_process:
+        _push(config, output_dir)
+    accelerator.end_training()
+    return {"metrics": metrics, "global_step": global_step, "output_dir": str(output_dir), "history": history}
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def _push(config: TrainConfig, output_dir: Path) -> None:
+    from huggingface_hub import HfApi
+
+    if not config.hub_model_id:
+        raise ValueError("`push_to_hub` needs `hub_model_id`.")
+    api = HfApi()
+    api.create_repo(config.hub_model_id, exist_ok=True)
+    api.upload_folder(
+        repo_id=config.hub_model_id,
+        folder_path=str(output_dir),
+        ignore_patterns=["checkpoints/*", "logs/*", "tiny-stable-diffusion/*"],
+        commit_message="Upload VPD model trained with vpd_hf",
+    )
+
+
+__all__ = ["NonFiniteLossError", "compact_state_names", "register_compact_checkpoints", "resolve_checkpoint", "train"]
