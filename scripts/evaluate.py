@@ -9,14 +9,9 @@ Depth: shifted windows + flip, Eigen crop on 480x640 frames. Segmentation: slidi
 """
 
 import json
-import sys
-from pathlib import Path
 
-# This file shares its name with the `evaluate` library, which vpd_hf imports: keep its folder off the import path.
-sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
-
-from vpd_hf.training.config import EVALUATION_OPTIONS, build_parser, config_from_arguments  # noqa: E402
-from vpd_hf.training.evaluation import evaluate_checkpoint  # noqa: E402
+from vpd_hf.training.config import EVALUATION_OPTIONS, build_parser, config_from_arguments
+from vpd_hf.training.evaluation import evaluate_checkpoint
 
 
 def main() -> None:

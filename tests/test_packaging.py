@@ -79,3 +79,14 @@ def test_benchmark_harness_smoke(tmp_path):
     run = report["runs"]["fp32"]
     assert {"bare", "model", "pipeline"} <= run.keys() and all(run[k]["median_s"] > 0 for k in ("bare", "model"))
     assert report["environment"]["torch"] and report["command"].startswith("benchmark.py")
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "benchmark.py", "depth_demo.py"])
+def test_scripts_explain_themselves(script):
+    """`scripts/evaluate.py` shares the `evaluate` library's name and sits first on every script's import path:
+    vpd_hf must still import the real library."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage:" in result.stdout and "--" in result.stdout

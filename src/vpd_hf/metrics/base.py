@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from types import ModuleType
 from typing import Any
 
-import evaluate
 import numpy as np
 import torch
+
+
+def _import_evaluate_library() -> ModuleType:
+    """The `evaluate` library, also when a single-file module named `evaluate.py` comes first on `sys.path` — as
+    `scripts/evaluate.py` does for every script run from that folder (Python puts the script's folder first)."""
+    loaded = sys.modules.get("evaluate")
+    if loaded is not None and hasattr(loaded, "Metric"):
+        return loaded
+    search = list(sys.path)
+    while True:
+        spec = importlib.machinery.PathFinder.find_spec("evaluate", search)
+        if spec is None:
+            raise ImportError("The `evaluate` library is required by vpd_hf.metrics: `pip install evaluate`.")
+        if spec.submodule_search_locations:  # a package: the library
+            break
+        shadow = os.path.dirname(os.path.abspath(spec.origin))
+        search = [entry for entry in search if os.path.abspath(entry or os.curdir) != shadow]
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["evaluate"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate = _import_evaluate_library()
 
 
 def as_map_list(values: Any, name: str) -> list[Any]:
@@ -59,4 +87,4 @@ class StatisticsMetric(evaluate.Metric):
         return super().compute(**kwargs)
 
 
-__all__ = ["StatisticsMetric", "as_map_list", "paired_maps"]
+__all__ = ["StatisticsMetric", "as_map_list", "evaluate", "paired_maps"]

@@ -6,12 +6,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import datasets
-import evaluate
 import numpy as np
 import torch
 
 from ..losses import scale_invariant_log_error
-from .base import StatisticsMetric, paired_maps
+from .base import StatisticsMetric, evaluate, paired_maps
 
 DEPTH_METRIC_NAMES = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
 # Eigen et al.'s crop of the 480x640 NYUv2 frames (rows 45:471, columns 41:601), used by VPD's evaluation.

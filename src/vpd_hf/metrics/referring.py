@@ -11,11 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import datasets
-import evaluate
 import numpy as np
 import torch
 
-from .base import StatisticsMetric, paired_maps
+from .base import StatisticsMetric, evaluate, paired_maps
 
 PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 

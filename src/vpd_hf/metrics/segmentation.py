@@ -12,11 +12,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
-import evaluate
 import numpy as np
 import torch
 
-from .base import StatisticsMetric, paired_maps
+from .base import StatisticsMetric, evaluate, paired_maps
 
 MEAN_IOU_KEYS = ("mean_iou", "mean_accuracy", "overall_accuracy", "per_category_iou", "per_category_accuracy")
 
