@@ -106,12 +106,27 @@ def test_segmentation_and_referring_schedules():
 def test_recipes_carry_the_paper_settings():
     depth = load_recipe("nyu_depth")
     assert (depth["learning_rate"], depth["min_lr_ratio"] * depth["learning_rate"]) == (5e-4, pytest.approx(3e-5))
-    assert (depth["weight_decay"], depth["num_epochs"], depth["crop_size"], depth["unet_lr_mult"]) == (0.1, 25, 480, 0.01)
+    assert (depth["weight_decay"], depth["num_epochs"], depth["crop_size"], depth["unet_lr_mult"]) == (
+        0.1,
+        25,
+        480,
+        0.01,
+    )
     seg = load_recipe("ade20k_segmentation")
-    assert (seg["learning_rate"], seg["weight_decay"], seg["max_steps"], seg["warmup_steps"]) == (8e-5, 1e-3, 80000, 1500)
+    assert (seg["learning_rate"], seg["weight_decay"], seg["max_steps"], seg["warmup_steps"]) == (
+        8e-5,
+        1e-3,
+        80000,
+        1500,
+    )
     assert seg["per_device_train_batch_size"] * 8 == 16 and seg["unet_lr_mult"] == 0.1
     refer = load_recipe("refcoco_referring")
-    assert (refer["learning_rate"], refer["weight_decay"], refer["num_epochs"], refer["lr_power"]) == (5e-5, 1e-2, 40, 0.9)
+    assert (refer["learning_rate"], refer["weight_decay"], refer["num_epochs"], refer["lr_power"]) == (
+        5e-5,
+        1e-2,
+        40,
+        0.9,
+    )
     assert refer["per_device_train_batch_size"] * 8 == 32 and refer["token_length"] == 40
 
 

@@ -233,6 +233,43 @@ def overlay_mask(
     return canvas
 
 
+def plot_curve(
+    points: list[tuple[float, float]],
+    title: str = "",
+    x_label: str = "step",
+    y_label: str = "loss",
+    size: tuple[int, int] = (480, 300),
+    color: tuple[int, int, int] = (33, 145, 140),
+) -> Image.Image:
+    """A line chart of `(x, y)` points with labelled axes (min/max ticks), e.g. a training loss curve."""
+    if len(points) < 2:
+        raise ValueError(f"`points` needs at least two (x, y) pairs, got {len(points)}.")
+    xs = np.array([p[0] for p in points], dtype=np.float64)
+    ys = np.array([p[1] for p in points], dtype=np.float64)
+    if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
+        raise ValueError("`points` must be finite.")
+    width, height = size
+    left, right, top, bottom = 56, 12, 26, 34
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    x_span = max(xs.max() - xs.min(), 1e-12)
+    y_span = max(ys.max() - ys.min(), 1e-12)
+    px = left + (xs - xs.min()) / x_span * (width - left - right)
+    py = top + (ys.max() - ys) / y_span * (height - top - bottom)
+    draw.rectangle([left, top, width - right, height - bottom], outline=(160, 160, 160))
+    draw.line(list(zip(px.tolist(), py.tolist(), strict=True)), fill=color, width=2)
+    draw.text((left, 6), title, fill=(0, 0, 0), font=font)
+    for value, y in ((ys.max(), top), (ys.min(), height - bottom)):
+        draw.text((4, y - 6), f"{value:.3g}", fill=(60, 60, 60), font=font)
+    for value, x in ((xs.min(), left), (xs.max(), width - right)):
+        label = f"{value:.0f}"
+        draw.text((x - draw.textlength(label, font=font) / 2, height - bottom + 4), label, fill=(60, 60, 60), font=font)
+    draw.text(((width - draw.textlength(x_label, font=font)) / 2, height - 14), x_label, fill=(0, 0, 0), font=font)
+    draw.text((4, top + 14), y_label, fill=(0, 0, 0), font=font)
+    return image
+
+
 __all__ = [
     "COLORMAPS",
     "apply_colormap",
@@ -240,5 +277,6 @@ __all__ = [
     "depth_to_uint16_png",
     "overlay_mask",
     "overlay_segmentation",
+    "plot_curve",
     "segmentation_palette",
 ]

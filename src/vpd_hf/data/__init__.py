@@ -2,8 +2,28 @@
 
 `synthetic`: an offline procedural indoor-scene dataset (RGB, metric z-depth, semantic and instance labels, referring
 expressions) rendered with NumPy, written as parquet in the Hub's NYUv2 / ADE20K / RefCOCO column layouts.
+
+Adapters (Hub-layout `datasets.Dataset` -> model inputs, lazily): `depth_dataset`, `segmentation_dataset`,
+`referring_dataset`; batching: `collate_fn`; epochs of the random augmentation: `set_epoch(dataset, epoch)`;
+augmentations of the official recipes: `augmentation`; raw releases -> parquet: `converters`.
 """
 
+from .augmentation import (
+    AdapterTransform,
+    DepthAugmentation,
+    InvalidRowError,
+    SegmentationAugmentation,
+    get_adapter_transform,
+    photometric_distortion,
+    resize_referring,
+    sample_rng,
+    set_epoch,
+)
+from .collate import collate_fn
+from .converters import convert_ade20k, convert_nyu, convert_refcoco
+from .depth import DepthTransform, depth_dataset, nyu_scene_id
+from .referring import ReferringTransform, decode_mask, polygons_to_mask, referring_dataset
+from .segmentation import SegmentationTransform, ade20k_id2label, segmentation_dataset
 from .synthetic import (
     OBJECT_KINDS,
     SCENE_TYPES,
@@ -23,11 +43,34 @@ __all__ = [
     "SCENE_TYPES",
     "SYNTHETIC_ID2LABEL",
     "SYNTHETIC_LABEL2ID",
+    "AdapterTransform",
+    "DepthAugmentation",
+    "DepthTransform",
+    "InvalidRowError",
+    "ReferringTransform",
+    "SegmentationAugmentation",
+    "SegmentationTransform",
     "SyntheticScene",
     "SyntheticScenes",
+    "ade20k_id2label",
+    "collate_fn",
+    "convert_ade20k",
+    "convert_nyu",
+    "convert_refcoco",
+    "decode_mask",
+    "depth_dataset",
     "generate_scene",
+    "get_adapter_transform",
     "make_synthetic_dataset",
+    "nyu_scene_id",
+    "photometric_distortion",
+    "polygons_to_mask",
+    "referring_dataset",
+    "resize_referring",
     "rle_decode",
     "rle_encode",
+    "sample_rng",
     "save_synthetic_dataset",
+    "segmentation_dataset",
+    "set_epoch",
 ]
