@@ -172,6 +172,31 @@ def test_attention_capture_changes_nothing_else(make_pixels):
     assert not any(isinstance(p, CrossAttentionMapProcessor) for p in plain.unet.attn_processors.values())
 
 
+def test_reference_attention_emulation_matches_the_fast_path_and_restores_it(make_pixels):
+    """The official design (every attention materialised, maps of <= 32² queries stored) gives the same features as
+    the fast path; its store holds one head-mean map per emulated layer; the processors come back afterwards."""
+    from vpd_hf.attention import ReferenceAttentionProcessor, reference_attention
+
+    model = build_backbone(attention_resolutions=[16, 32])
+    before = dict(model.unet.attn_processors)
+    pixels = make_pixels(1, 3, 64, 64)
+    with torch.no_grad():
+        fast = model(pixel_values=pixels)
+        with reference_attention(model.unet) as store:
+            assert sum(isinstance(p, ReferenceAttentionProcessor) for p in model.unet.attn_processors.values()) == 22
+            slow = model(pixel_values=pixels)
+    for x, y in zip(fast.feature_maps, slow.feature_maps, strict=True):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+    # 32 attention layers, 10 of them VPD's capture layers; at an 8x8 latent every query count is <= 32².
+    assert len(store) == 22
+    self_maps = [m for m in store if m.shape[1] == m.shape[2]]
+    assert len(self_maps) == 16 and all(torch.allclose(m.sum(-1), torch.ones(())) for m in store)
+    assert model.unet.attn_processors == before
+    with reference_attention(model.unet, max_stored_queries=16) as store, torch.no_grad():
+        model(pixel_values=pixels)
+    assert {m.shape[1] for m in store} == {16, 4, 1}  # the 8² level (64 queries) is not stored
+
+
 def test_replaced_attention_processors_are_detected(make_pixels):
     from diffusers.models.attention_processor import AttnProcessor2_0
 

@@ -231,3 +231,20 @@ def test_float16_keeps_the_vae_in_float32_and_detects_overflow(depth_model, make
         half.vpd.vae.quant_conv.bias.fill_(float("inf"))  # what an fp16 overflow in the encoder produces
         with pytest.raises(FloatingPointError, match="overflowed in float16"):
             half(make_pixels(1, 3, 64, 64).half())
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_loaded_models_keep_the_vae_and_text_encoder_frozen(tmp_path, train_text_encoder):
+    """Loading materialises new parameters: the frozen parts must come back frozen (optimisers and DDP see them)."""
+    from vpd_hf import VPDModelForReferringSegmentation
+    from vpd_hf.testing_utils import tiny_referring_config
+
+    VPDModelForDepthEstimation(tiny_vpd_config()).save_pretrained(tmp_path / "depth")
+    config = tiny_referring_config(train_text_encoder=train_text_encoder)
+    VPDModelForReferringSegmentation(config).save_pretrained(tmp_path / "ref")
+    depth = VPDModelForDepthEstimation.from_pretrained(tmp_path / "depth")
+    referring = VPDModelForReferringSegmentation.from_pretrained(tmp_path / "ref")
+    for model in (depth, referring):
+        assert not any(p.requires_grad for p in model.vpd.vae.parameters())
+        assert all(p.requires_grad for p in model.vpd.unet.parameters())
+    assert all(p.requires_grad == train_text_encoder for p in referring.text_encoder.parameters())

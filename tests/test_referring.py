@@ -316,3 +316,19 @@ def test_mask_overlay():
 def test_image_text_modalities():
     assert VPDModelForReferringSegmentation.input_modalities == ("image", "text")
     assert math.isclose(VPDConfig().referring_loss_weights[1], 1.1)
+
+
+def test_tiny_tokenizer_keeps_every_synthetic_expression_word_whole(sd_processor):
+    """The offline tokenizer must not cut synthetic expressions into characters (and then truncate them)."""
+    from vpd_hf.data.synthetic import make_synthetic_dataset
+    from vpd_hf.testing_utils import TINY_CLIP_VOCAB_SIZE
+
+    tokenizer = sd_processor.tokenizer
+    assert len(tokenizer) == TINY_CLIP_VOCAB_SIZE
+    rows = make_synthetic_dataset(24, 1, 48, 48, seed=1)["referring"]["train"]
+    words = {word for sentences in rows["answer"] for sentence in sentences for word in sentence.split()}
+    assert len(words) > 10
+    for word in sorted(words):
+        assert tokenizer.tokenize(word) == [word + "</w>"], word
+    ids = tokenizer("the farthest small object on the left").input_ids
+    assert len(ids) == 2 + 7 and ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id

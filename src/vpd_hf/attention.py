@@ -105,18 +105,78 @@ class CrossAttentionMapProcessor:
     ) -> torch.Tensor:
         if encoder_hidden_states is None:
             raise ValueError(f"{type(self).__name__} is for cross-attention layers; it got no encoder_hidden_states.")
-        batch_size, tokens, _ = encoder_hidden_states.shape
-        attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch_size)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probs = attn.get_attention_scores(query, key, attention_mask)
+        out, probs = explicit_attention(attn, hidden_states, encoder_hidden_states, attention_mask)
         if self.recorder.active:
-            mean_probs = probs.unflatten(0, (batch_size, attn.heads)).mean(dim=1)
+            mean_probs = probs.unflatten(0, (hidden_states.shape[0], attn.heads)).mean(dim=1)
             self.recorder.put(self.key, mean_probs.detach() if self.detach else mean_probs)
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
-        out = attn.to_out[1](attn.to_out[0](out))
-        return out / attn.rescale_output_factor
+        return out
+
+
+def explicit_attention(
+    attn: Attention,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a plain (SD UNet) `Attention` layer with materialised probabilities: returns the layer output
+    `(B, N, C)` and the probabilities `(B * heads, N, tokens)` (`softmax(Q K^T * scale)`, baddbmm + softmax)."""
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    batch_size, tokens, _ = context.shape
+    attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch_size)
+    query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+    key = attn.head_to_batch_dim(attn.to_k(context))
+    value = attn.head_to_batch_dim(attn.to_v(context))
+    probs = attn.get_attention_scores(query, key, attention_mask)
+    out = attn.batch_to_head_dim(torch.bmm(probs, value))
+    out = attn.to_out[1](attn.to_out[0](out))
+    return out / attn.rescale_output_factor, probs
+
+
+class ReferenceAttentionProcessor:
+    r"""
+    The attention of the official VPD code, for benchmarks and equivalence tests: probabilities are materialised in
+    every layer (self-attention included, 4096 x 4096 per head at a 64² latent) and, as its `AttentionStore`,
+    `mean_heads(P)` is kept for every layer with at most `max_stored_queries` queries (32² by default).
+    """
+
+    def __init__(self, store: list[torch.Tensor], max_stored_queries: int = 32 * 32) -> None:
+        self.store = store
+        self.max_stored_queries = max_stored_queries
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        out, probs = explicit_attention(attn, hidden_states, encoder_hidden_states, attention_mask)
+        if hidden_states.shape[1] <= self.max_stored_queries:
+            self.store.append(probs.unflatten(0, (hidden_states.shape[0], attn.heads)).mean(dim=1).detach())
+        return out
+
+
+@contextmanager
+def reference_attention(unet: torch.nn.Module, max_stored_queries: int = 32 * 32) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every attention layer of `unet` runs as the official VPD code does
+    (:class:`ReferenceAttentionProcessor`; VPD's own capture layers keep recording); yields the attention store, and
+    restores the previous processors on exit."""
+    saved = unet.attn_processors
+    store: list[torch.Tensor] = []
+    reference = ReferenceAttentionProcessor(store, max_stored_queries)
+    for name, processor in saved.items():
+        module = unet.get_submodule(name.removesuffix(".processor"))
+        if not isinstance(processor, CrossAttentionMapProcessor):
+            unsupported = module.group_norm, module.spatial_norm, module.norm_cross
+            if any(part is not None for part in unsupported) or module.residual_connection:
+                raise ValueError(f"Cannot emulate the reference attention in `{name}`: unsupported attention variant.")
+            module.set_processor(reference)
+    try:
+        yield store
+    finally:
+        unet.set_attn_processor(saved)
 
 
 def cross_attention_layers(unet: torch.nn.Module, level: int) -> list[tuple[str, Attention]]:
@@ -154,7 +214,10 @@ __all__ = [
     "CrossAttentionMapProcessor",
     "ForwardRecorder",
     "RecordOutputHook",
+    "ReferenceAttentionProcessor",
     "attention_key",
     "cross_attention_layers",
+    "explicit_attention",
     "install_cross_attention_capture",
+    "reference_attention",
 ]

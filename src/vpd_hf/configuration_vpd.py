@@ -7,6 +7,9 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+# The Stable Diffusion checkpoint VPD was built on (the official code's `v1-5-pruned-emaonly`), on the Hub.
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
 # Stable Diffusion 1.5 component configs (the non-default entries of `unet/config.json` and `vae/config.json` of
 # `stable-diffusion-v1-5/stable-diffusion-v1-5`); every other argument takes the diffusers default.
 SD15_UNET_CONFIG: dict[str, Any] = {
@@ -156,6 +159,9 @@ class VPDConfig(PreTrainedConfig):
             Cross-entropy weights of background and foreground.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal used for the depth neck.
+        base_model (`str`, *optional*):
+            The Stable Diffusion checkpoint (Hub id or folder) the UNet and VAE were imported from; set by
+            `from_stable_diffusion` and kept through fine-tuning, so that model cards can name it.
     """
 
     model_type = "vpd"
@@ -193,6 +199,7 @@ class VPDConfig(PreTrainedConfig):
     referring_decoder_channels: int | None = None
     referring_loss_weights: list[float] | tuple[float, ...] = (0.9, 1.1)
     initializer_range: float = 0.02
+    base_model: str | None = None
 
     def __post_init__(self, **kwargs):
         self.unet_config = _clean_component_config(self.unet_config, SD15_UNET_CONFIG, "unet_config")
@@ -206,6 +213,8 @@ class VPDConfig(PreTrainedConfig):
         self._validate_depth_head()
         self._validate_segmentation()
         self._validate_referring()
+        if self.base_model is not None and not isinstance(self.base_model, str):
+            raise TypeError(f"`base_model` must be a string (a Hub id or folder) or None, got {self.base_model!r}.")
         super().__post_init__(**kwargs)
 
     # -- validation -----------------------------------------------------------------------------------------------
@@ -420,4 +429,4 @@ class VPDConfig(PreTrainedConfig):
         return self.vae_downsample_factor * 2 ** (len(self.unet_config["block_out_channels"]) - 1)
 
 
-__all__ = ["SD15_UNET_CONFIG", "SD15_VAE_CONFIG", "VPDConfig"]
+__all__ = ["SD15_HUB_ID", "SD15_UNET_CONFIG", "SD15_VAE_CONFIG", "VPDConfig"]

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .configuration_vpd import SD15_UNET_CONFIG, SD15_VAE_CONFIG, VPDConfig
+from .configuration_vpd import SD15_HUB_ID, SD15_UNET_CONFIG, SD15_VAE_CONFIG, VPDConfig
 from .prompts import (
     ADE20K_CLASS_NAMES,
     ADE20K_PROMPT_TEMPLATE,
@@ -1099,6 +1099,8 @@ def convert_checkpoint(
         text_config = CLIPTextConfig.from_pretrained(str(stable_diffusion), subfolder="text_encoder")
         kwargs["text_config"] = text_config.to_dict()
 
+    # The released models were fine-tuned from Stable Diffusion v1-5.
+    kwargs.setdefault("base_model", str(stable_diffusion) if stable_diffusion else SD15_HUB_ID)
     config = VPDConfig(unet_config=unet_config, vae_config=vae_config, **kwargs)
     new, report = convert_state_dict(state_dict, task, config)
     report.source = str(path)

@@ -270,6 +270,24 @@ class VPDPreTrainedModel(PreTrainedModel):
         else:
             raise ValueError(f"Unknown VPD init kind {kind!r} on {type(module).__name__}.")
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        result = super().from_pretrained(*args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result
+        if isinstance(model, VPDPreTrainedModel):
+            model.apply_frozen_parts()  # loading materialises fresh parameters, which would all require gradients
+        return result
+
+    def apply_frozen_parts(self) -> VPDPreTrainedModel:
+        """Freezes what VPD never trains: the VAE encoder, and the text encoder unless `config.train_text_encoder`."""
+        for module in self.modules():
+            if isinstance(module, VPDModel):
+                module.vae.requires_grad_(False)
+        text_encoder = getattr(self, "text_encoder", None)
+        if text_encoder is not None:
+            text_encoder.requires_grad_(bool(self.config.train_text_encoder))
+        return self
+
     def convert_sync_batchnorm(self, process_group: Any = None) -> VPDPreTrainedModel:
         """Turns the heads' BatchNorm layers into `SyncBatchNorm` in place (for DDP training; same state-dict keys)."""
         for name, child in list(self.named_children()):
@@ -306,7 +324,9 @@ class VPDPreTrainedModel(PreTrainedModel):
         text_encoder_state = prompts.pop("text_encoder_state_dict", None)
         del text_encoder
 
-        config = VPDConfig(unet_config=unet_config, vae_config=vae_config, **{**prompts, **config_kwargs})
+        config = VPDConfig(
+            unet_config=unet_config, vae_config=vae_config, **{"base_model": path, **prompts, **config_kwargs}
+        )
         config.name_or_path = path
         model = cls(config)
 

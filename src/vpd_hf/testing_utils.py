@@ -8,6 +8,7 @@ writes a folder in the Hub's diffusers layout (`unet/`, `vae/`, `text_encoder/`,
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,22 @@ _TINY_WORDS = [
     "right",
     "small",
     "large",
+    # the synthetic referring expressions (`vpd_hf.data.synthetic`): whole tokens, so that none is truncated
+    "object",
+    "box",
+    "sphere",
+    "cone",
+    "capsule",
+    "cylinder",
+    "nearest",
+    "farthest",
+    "leftmost",
+    "rightmost",
+    "orange",
+    "white",
+    "yellow",
+    "black",
+    "purple",
 ]
 
 
@@ -120,8 +137,9 @@ def tiny_segmentation_config(class_names: list[str] | None = None, **overrides: 
     return tiny_vpd_config(**kwargs)
 
 
-def tiny_referring_config(token_length: int = 8, vocab_size: int = 706, **overrides: Any) -> VPDConfig:
+def tiny_referring_config(token_length: int = 8, vocab_size: int | None = None, **overrides: Any) -> VPDConfig:
     """A `VPDConfig` for a tiny referring model (tiny CLIP text encoder, no prompt table, maps at 32 and 16)."""
+    vocab_size = TINY_CLIP_VOCAB_SIZE if vocab_size is None else vocab_size
     kwargs = {
         "num_prompts": 0,
         "text_config": tiny_clip_text_config(vocab_size, TINY_UNET_CONFIG["cross_attention_dim"]).to_dict(),
@@ -147,27 +165,55 @@ def _byte_alphabet() -> list[str]:
     return [table[byte] for byte in range(256)]
 
 
+def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-level BPE on one word: repeatedly merge every occurrence of the best-ranked adjacent pair."""
+    while len(pieces) > 1:
+        candidates = [(ranks[pair], pair) for pair in itertools.pairwise(pieces) if pair in ranks]
+        if not candidates:
+            break
+        _, (first, second) = min(candidates)
+        merged, index = [], 0
+        while index < len(pieces):
+            if index + 1 < len(pieces) and pieces[index] == first and pieces[index + 1] == second:
+                merged.append(first + second)
+                index += 2
+            else:
+                merged.append(pieces[index])
+                index += 1
+        pieces = merged
+    return pieces
+
+
+def _tiny_vocabulary() -> tuple[dict[str, int], list[str]]:
+    """The tiny CLIP BPE vocabulary and merges: the byte alphabet plus every word of `_TINY_WORDS` as one token.
+
+    Each word is first split by the merges learnt so far (as the tokenizer will split it), then its pieces are joined
+    left to right by new, lower-priority merges; so a word's own merges never break one learnt earlier."""
+    alphabet = _byte_alphabet()
+    vocab_tokens = alphabet + [char + "</w>" for char in alphabet]
+    ranks: dict[tuple[str, str], int] = {}
+    for word in _TINY_WORDS:
+        pieces = _apply_merges([*word[:-1], word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:
+            ranks.setdefault((pieces[0], pieces[1]), len(ranks))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            if pieces[0] not in vocab_tokens:
+                vocab_tokens.append(pieces[0])
+    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
+    merges = [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda item: item[1])]
+    return {token: index for index, token in enumerate(vocab_tokens)}, merges
+
+
+TINY_CLIP_VOCAB_SIZE = len(_tiny_vocabulary()[0])
+
+
 def save_tiny_clip_tokenizer(directory: str | Path) -> Path:
     """Writes a CLIP BPE tokenizer (`vocab.json`, `merges.txt`, configs) in the layout of SD's `tokenizer/`."""
     from transformers import CLIPTokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    alphabet = _byte_alphabet()
-    vocab_tokens = alphabet + [char + "</w>" for char in alphabet]
-    merges: list[str] = []
-    for word in _TINY_WORDS:
-        # Merge left to right: w o r d</w> -> wo r d</w> -> wor d</w> -> word</w>.
-        pieces = [*list(word[:-1]), word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merge = f"{pieces[0]} {pieces[1]}"
-            if merge not in merges:
-                merges.append(merge)
-            pieces = [pieces[0] + pieces[1], *pieces[2:]]
-            if pieces[0] not in vocab_tokens:
-                vocab_tokens.append(pieces[0])
-    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: index for index, token in enumerate(vocab_tokens)}
+    vocab, merges = _tiny_vocabulary()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77)
     tokenizer.save_pretrained(directory)
     # Stable Diffusion repos ship the slow-tokenizer files only (vocab.json + merges.txt, no tokenizer.json).
@@ -227,6 +273,7 @@ def save_tiny_stable_diffusion(directory: str | Path, seed: int = 0) -> Path:
 
 
 __all__ = [
+    "TINY_CLIP_VOCAB_SIZE",
     "TINY_DEPTH_HEAD",
     "TINY_SEGMENTATION_HEAD",
     "TINY_UNET_CONFIG",
