@@ -5,11 +5,10 @@
         --dataset sayakpaul/nyu_depth_v2 --output_dir vpd-depth-nyu
 
 Every option is a named argument (`--help`); `--recipe` loads the paper's settings, explicit arguments override them.
-The logic lives in `vpd_hf.training`.
+The logic lives in `vpd_hf.training` (also `vpd-hf train`).
 """
 
-from vpd_hf.training import parse_config
-from vpd_hf.training.trainer import train
+from vpd_hf.training.trainer import main
 
 if __name__ == "__main__":
-    train(parse_config())
+    main()

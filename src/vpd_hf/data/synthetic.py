@@ -1543,10 +1543,10 @@ def save_synthetic_dataset(
     return output_dir
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m vpd_hf.data.synthetic") -> Path:
     """Command line: `python -m vpd_hf.data.synthetic --output DIR ...` (see `--help`)."""
     parser = argparse.ArgumentParser(
-        prog="python -m vpd_hf.data.synthetic",
+        prog=prog,
         description="Render the offline synthetic indoor-scene dataset (depth, semantic and referring segmentation) "
         "and write it as parquet.",
     )

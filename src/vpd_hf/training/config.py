@@ -51,7 +51,10 @@ class TrainConfig:
         default=None, metadata={"help": "Label column (default: `depth_map` / `annotation` / the layout's mask)."}
     )
     scene_column: str | None = field(default=None, metadata={"help": "Depth: scene-name column for scene prompts."})
-    crop_size: int | None = field(default=None, metadata={"help": "Training crop (default: 480 depth, 512 seg)."})
+    crop_size: int | None = field(
+        default=None,
+        metadata={"help": "Training crop (default 480 depth, 512 segmentation) / referring image side (default 512)."},
+    )
     token_length: int = field(default=40, metadata={"help": "Referring: tokens per expression (40; 77 RefCOCOg)."})
     image_root: str | None = field(default=None, metadata={"help": "Referring: COCO train2014 folder, if needed."})
     synthetic_num_train: int = field(default=256, metadata={"help": "Synthetic data: training images."})
@@ -91,10 +94,22 @@ class TrainConfig:
         metadata={"help": "UNet module names to adapt."},
     )
     merge_lora: bool = field(default=False, metadata={"help": "Merge LoRA into the UNet before the final save."})
+    lora_frozen_dtype: str | None = field(
+        default=None,
+        metadata={"help": "LoRA: keep the frozen UNet (and text encoder) in bf16 | fp16, half the memory; the final "
+                  "model is saved in float32 again, its base weights rounded to that dtype."},
+    )  # fmt: skip
     # -- checkpoints, evaluation, logging -----------------------------------------------------------------------------
     checkpointing_steps: int | None = field(default=None, metadata={"help": "Save a resumable checkpoint every N."})
     checkpoints_total_limit: int | None = field(default=3, metadata={"help": "Keep the last K checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "`latest` or a checkpoint folder."})
+    stop_after_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop this run after N optimiser steps with a checkpoint (e.g. a job time limit); the schedule "
+            "still spans the whole training. Continue with --resume_from_checkpoint latest."
+        },
+    )
     eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (and at the end)."})
     logging_steps: int = field(default=10, metadata={"help": "Log the loss every N steps."})
     report_to: str = field(default="none", metadata={"help": "tensorboard | trackio | wandb | none."})
@@ -124,6 +139,12 @@ class TrainConfig:
             raise ValueError(f"`max_steps` must be >= 1, got {self.max_steps}.")
         if self.lora_rank < 0:
             raise ValueError(f"`lora_rank` must be >= 0, got {self.lora_rank}.")
+        if self.lora_frozen_dtype not in (None, "bf16", "fp16"):
+            raise ValueError(f"`lora_frozen_dtype` must be bf16, fp16 or None, got {self.lora_frozen_dtype!r}.")
+        if self.lora_frozen_dtype and not self.lora_rank:
+            raise ValueError("`lora_frozen_dtype` needs `lora_rank` > 0 (without LoRA the UNet trains).")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("`push_to_hub` needs `hub_model_id` (the repository to create or update, e.g. org/name).")
         if self.eval_segmentation_mode not in ("slide", "whole"):
             raise ValueError(f"`eval_segmentation_mode` must be slide or whole, got {self.eval_segmentation_mode!r}.")
         self.adam_betas = tuple(self.adam_betas)
@@ -177,11 +198,14 @@ TRAIN_EXAMPLE = (
 
 
 def build_parser(
-    options: Sequence[str] | None = None, description: str = TRAIN_DESCRIPTION, epilog: str = TRAIN_EXAMPLE
+    options: Sequence[str] | None = None,
+    description: str = TRAIN_DESCRIPTION,
+    epilog: str = TRAIN_EXAMPLE,
+    prog: str | None = None,
 ) -> argparse.ArgumentParser:
     """An argument per :class:`TrainConfig` field (or per field in `options`)."""
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=epilog
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=epilog
     )
     hints = typing.get_type_hints(TrainConfig)
     for item in dataclasses.fields(TrainConfig):
@@ -214,9 +238,9 @@ def config_from_arguments(arguments: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
+def parse_config(argv: list[str] | None = None, prog: str | None = None) -> TrainConfig:
     """Command line (and recipe) -> :class:`TrainConfig`."""
-    return config_from_arguments(vars(build_parser().parse_args(argv)))
+    return config_from_arguments(vars(build_parser(prog=prog).parse_args(argv)))
 
 
 __all__ = [

@@ -17,8 +17,6 @@ TINY_SOURCE = "tiny-random"
 def load_raw_splits(config: TrainConfig) -> tuple[Any, Any, dict[int, str] | None]:
     """The raw train / eval `datasets.Dataset`s (Hub layout) and, if the data names its classes, `id2label` in the
     annotation's numbering (0 = "other" for ADE-style labels)."""
-    import datasets
-
     config_name = config.dataset_config or ("referring" if config.task == "referring" else "scenes")
     if config.dataset == "synthetic":
         from ..data.synthetic import SYNTHETIC_ID2LABEL, make_synthetic_dataset
@@ -28,17 +26,13 @@ def load_raw_splits(config: TrainConfig) -> tuple[Any, Any, dict[int, str] | Non
             config.synthetic_num_train, config.synthetic_num_eval, size, size, seed=config.seed
         )[config_name]
         return splits["train"], splits["validation"], dict(SYNTHETIC_ID2LABEL)
+    from ..data.loading import load_splits
+
     path = Path(config.dataset)
     id2label = None
-    if path.is_dir():
-        if (path / "id2label.json").is_file():
-            id2label = {int(k): v for k, v in json.loads((path / "id2label.json").read_text()).items()}
-        if (path / config_name).is_dir():
-            splits = datasets.load_dataset(str(path), config_name)
-        else:
-            splits = datasets.load_dataset("parquet", data_dir=str(path))
-    else:
-        splits = datasets.load_dataset(config.dataset, config.dataset_config)
+    if path.is_dir() and (path / "id2label.json").is_file():
+        id2label = {int(k): v for k, v in json.loads((path / "id2label.json").read_text()).items()}
+    splits = load_splits(config.dataset, config_name if path.is_dir() else config.dataset_config)
     for split in (config.train_split, config.eval_split):
         if split not in splits:
             raise ValueError(f"Dataset {config.dataset!r} has no split {split!r}; it has {sorted(splits)}.")
@@ -122,9 +116,14 @@ def build_model_and_processor(config: TrainConfig, id2label: dict[int, str] | No
 
 
 def build_datasets(config: TrainConfig, train_raw: Any, eval_raw: Any, model: Any, processor: Any) -> tuple[Any, Any]:
-    """The adapters of `vpd_hf.data` over the raw splits (training augmentation / evaluation protocol)."""
+    """The adapters of `vpd_hf.data` over the raw splits (training augmentation / evaluation protocol); `train_raw`
+    None (evaluation only) gives no training dataset."""
     from .. import data
 
+    if train_raw is None:
+        train_raw, build_train = eval_raw, False  # its columns stand for the training split's
+    else:
+        build_train = True
     if config.max_train_samples is not None:
         train_raw = train_raw.select(range(min(config.max_train_samples, len(train_raw))))
     if config.max_eval_samples is not None:
@@ -140,20 +139,27 @@ def build_datasets(config: TrainConfig, train_raw: Any, eval_raw: Any, model: An
             "max_depth": float(model.config.max_depth),
         }
         crop = config.crop_size or 480
-        train = data.depth_dataset(train_raw, "train", crop_size=(crop, crop), **options)
+        train = data.depth_dataset(train_raw, "train", crop_size=(crop, crop), **options) if build_train else None
         evaluation = data.depth_dataset(eval_raw, "eval", **options)
     elif config.task == "segmentation":
-        options = {**common, "label_column": config.label_column or "annotation"}
+        options = {**common, "label_column": config.label_column or "annotation", "num_labels": model.config.num_labels}
         crop = config.crop_size or 512
         # The recipe's resize range is relative to its 512 crop: keep the ratio for other crop sizes.
-        train = data.segmentation_dataset(
-            train_raw, "train", crop_size=(crop, crop), img_scale=(4 * crop, crop), **options
+        train = (
+            data.segmentation_dataset(train_raw, "train", crop_size=(crop, crop), img_scale=(4 * crop, crop), **options)
+            if build_train
+            else None
         )
         evaluation = data.segmentation_dataset(eval_raw, "eval", img_scale=(4 * crop, crop), **options)
     else:
         tokenizer = processor.tokenizer
-        options = {**common, "token_length": config.token_length, "image_root": config.image_root}
-        train = data.referring_dataset(train_raw, "train", tokenizer, **options)
+        options = {
+            **common,
+            "token_length": config.token_length,
+            "image_root": config.image_root,
+            "image_size": config.crop_size or 512,
+        }
+        train = data.referring_dataset(train_raw, "train", tokenizer, **options) if build_train else None
         evaluation = data.referring_dataset(eval_raw, "eval", tokenizer, **options)
     return train, evaluation
 

@@ -13,6 +13,7 @@ With an `accelerate.Accelerator`, each process evaluates its shard and the per-s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,7 +189,7 @@ def evaluate_checkpoint(config: Any, output_file: str | None = None) -> dict[str
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     _, eval_raw, id2label = load_raw_splits(config)
     model, processor = build_model_and_processor(config, id2label, accelerator)
-    _, dataset = build_datasets(config, eval_raw.select(range(0)), eval_raw, model, processor)
+    _, dataset = build_datasets(config, None, eval_raw, model, processor)
     batch_size = 1 if config.task == "segmentation" else config.per_device_eval_batch_size
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=config.num_workers)
     model, loader = accelerator.prepare(model, loader)
@@ -203,8 +204,32 @@ def evaluate_checkpoint(config: Any, output_file: str | None = None) -> dict[str
         path = Path(output_file)
         path.parent.mkdir(parents=True, exist_ok=True)
         report = {"task": config.task, "model": config.model, "dataset": config.dataset,
-                  "split": config.eval_split, "metrics": metrics}  # fmt: skip
+                  "dataset_config": config.dataset_config, "split": config.eval_split,
+                  "protocol": dataclasses.asdict(options), "metrics": metrics}  # fmt: skip
         path.write_text(json.dumps(report, indent=2))
+    return metrics
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    """The evaluation command line (`scripts/evaluate.py`, `vpd-hf evaluate`): prints the metrics as JSON."""
+    import json
+
+    from .config import EVALUATION_OPTIONS, build_parser, config_from_arguments
+
+    parser = build_parser(
+        EVALUATION_OPTIONS,
+        description="Evaluate a VPD checkpoint with its task's protocol (depth: shifted windows + flip, Eigen crop; "
+        "segmentation: sliding windows, optional multi-scale + flip; referring: every expression); distributed "
+        "under `accelerate launch`.",
+        epilog="Example: accelerate launch scripts/evaluate.py --task depth --model vpd-depth-nyu "
+        "--dataset data/nyu --eval_split validation --output_file vpd-depth-nyu/eval_results.json",
+        prog=prog,
+    )
+    parser.add_argument("--output_file", default=None, help="Write the metrics here as JSON.")
+    arguments = vars(parser.parse_args(argv))
+    output_file = arguments.pop("output_file")
+    metrics = evaluate_checkpoint(config_from_arguments(arguments), output_file)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
     return metrics
 
 
@@ -213,6 +238,7 @@ __all__ = [
     "depth_predictions",
     "evaluate",
     "evaluate_checkpoint",
+    "main",
     "referring_predictions",
     "segmentation_predictions",
 ]

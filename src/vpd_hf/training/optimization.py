@@ -189,7 +189,7 @@ def describe_groups(groups: Iterable[dict]) -> list[dict]:
     return [
         {
             "group": g.get("group_name", "?"),
-            "lr": g["lr"],
+            "lr": g.get("initial_lr", g["lr"]),
             "weight_decay": g["weight_decay"],
             "parameters": sum(p.numel() for p in g["params"]),
         }

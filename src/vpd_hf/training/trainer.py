@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..hub import model_card_from_run, push_to_hub, save_model_card
 from .config import TrainConfig
 from .data import build_datasets, build_model_and_processor, load_raw_splits
 from .evaluation import EvaluationOptions, evaluate
-from .lora import add_unet_lora, merge_unet_lora, save_unet_lora
+from .lora import add_unet_lora, cast_frozen_weights, merge_unet_lora, save_unet_lora
 from .optimization import build_optimizer, build_scheduler, describe_groups
 
 logger = logging.getLogger("vpd_hf.training")
@@ -118,7 +119,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         `{"metrics": final evaluation metrics, "global_step": int, "output_dir": str, "history": [(step, loss), ...]}`.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
@@ -134,6 +135,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and config.lora_rank:
+        raise ValueError("`lora_rank` is not supported under FSDP; train LoRA with DDP (adapters need no sharding).")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
@@ -142,6 +147,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     model, processor = build_model_and_processor(config, id2label, accelerator)
     if config.lora_rank:
         add_unet_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
+        if config.lora_frozen_dtype:
+            if accelerator.mixed_precision != config.lora_frozen_dtype:
+                raise ValueError(
+                    f"`lora_frozen_dtype={config.lora_frozen_dtype}` needs `mixed_precision={config.lora_frozen_dtype}` "
+                    f"(autocast), got {accelerator.mixed_precision!r}."
+                )
+            cast_frozen_weights(model, torch.bfloat16 if config.lora_frozen_dtype == "bf16" else torch.float16)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable()
     train_dataset, eval_dataset = build_datasets(config, train_raw, eval_raw, model, processor)
@@ -170,8 +182,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         betas=tuple(config.adam_betas),
         fused=True if accelerator.device.type == "cuda" else None,
     )
-    if accelerator.num_processes > 1 and accelerator.distributed_type.value != "FSDP":
-        model.convert_sync_batchnorm()
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and not fsdp:
+        model.convert_sync_batchnorm()  # BatchNorm statistics over the global batch (SyncBatchNorm is CUDA-only)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     steps_per_epoch = max(1, math.ceil(len(train_loader) / config.gradient_accumulation_steps))
     total_steps = config.max_steps or config.num_epochs * steps_per_epoch
@@ -186,7 +198,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     )
     # Stepped once per optimiser update by this loop (accelerate's prepared scheduler would step once per process).
     accelerator.register_for_checkpointing(scheduler)
-    register_compact_checkpoints(accelerator, model)
+    if not fsdp:  # FSDP writes its own (full-state) checkpoints through accelerate
+        register_compact_checkpoints(accelerator, model)
     options = EvaluationOptions(
         depth_windows=config.eval_depth_windows,
         flip=config.eval_flip,
@@ -225,7 +238,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         total=total_steps, initial=global_step, desc="Training", disable=not accelerator.is_local_main_process
     )
     running, running_count = 0.0, 0
-    epoch = start_epoch
+    epoch, start_step, stopping = start_epoch, global_step, False
     started = time.perf_counter()
     while global_step < total_steps:
         model.train()
@@ -268,28 +281,33 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 if accelerator.is_main_process:
                     with log_path.open("a") as handle:
                         handle.write(json.dumps({"step": global_step, "loss": mean_loss, "lr": max(lr)}) + "\n")
-            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                saved = Path(accelerator.save_state())
-                if accelerator.is_main_process:
-                    state = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
-                    (saved / TRAINING_STATE).write_text(json.dumps(state))
-                accelerator.wait_for_everyone()
+            stopping = config.stop_after_steps is not None and global_step - start_step >= config.stop_after_steps
+            if stopping or (config.checkpointing_steps and global_step % config.checkpointing_steps == 0):
+                _save_checkpoint(accelerator, global_step, epoch, batches_in_epoch)
             if config.eval_steps and global_step % config.eval_steps == 0 and global_step < total_steps:
                 metrics = evaluate(model, eval_loader, config.task, options, accelerator)
                 accelerator.log(
                     {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=global_step
                 )
                 logger.info("step %d: %s", global_step, _summary(metrics))
-            if global_step >= total_steps:
+            if global_step >= total_steps or stopping:
                 break
+        if stopping:
+            break
         epoch += 1
     progress.close()
+    if stopping and global_step < total_steps:
+        logger.info("Stopped after %d steps (step %d of %d); resume with --resume_from_checkpoint latest.",
+                    global_step - start_step, global_step, total_steps)  # fmt: skip
+        accelerator.end_training()
+        return {"metrics": None, "global_step": global_step, "output_dir": str(output_dir), "history": history}
     elapsed = time.perf_counter() - started
 
     metrics = evaluate(model, eval_loader, config.task, options, accelerator)
     accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=global_step)
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model) if fsdp else None  # a collective: every rank gathers
     if accelerator.is_main_process:
         if config.lora_rank:
             save_unet_lora(unwrapped, output_dir / "lora")
@@ -297,10 +315,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 merge_unet_lora(unwrapped)
             else:  # the saved model is the base UNet + trained heads; `load_unet_lora` adds the adapter back
                 unwrapped.vpd.unet.unload_lora()
-        unwrapped.save_pretrained(output_dir)
+            unwrapped.float()  # frozen weights kept in bf16/fp16 during training are saved in float32
+        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         processor.save_pretrained(output_dir)
-        summary = {"metrics": metrics, "global_step": global_step, "train_seconds": elapsed, "config": config.to_dict()}
+        summary = {"metrics": metrics, "global_step": global_step, "train_seconds": elapsed,
+                   "num_processes": accelerator.num_processes, "config": config.to_dict()}  # fmt: skip
         (output_dir / "all_results.json").write_text(json.dumps(summary, indent=2, default=str))
+        save_model_card(model_card_from_run(output_dir, repo_id=config.hub_model_id), output_dir)
         logger.info("Final metrics: %s; model saved to %s", _summary(metrics), output_dir)
     if config.push_to_hub and accelerator.is_main_process:
         _push(config, output_dir)
@@ -308,23 +329,35 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return {"metrics": metrics, "global_step": global_step, "output_dir": str(output_dir), "history": history}
 
 
+def _save_checkpoint(accelerator: Any, global_step: int, epoch: int, batches_in_epoch: int) -> None:
+    """A resumable checkpoint (accelerate state + where the loop stands)."""
+    saved = Path(accelerator.save_state())
+    if accelerator.is_main_process:
+        state = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
+        (saved / TRAINING_STATE).write_text(json.dumps(state))
+    accelerator.wait_for_everyone()
+
+
 def _summary(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
 def _push(config: TrainConfig, output_dir: Path) -> None:
-    from huggingface_hub import HfApi
-
-    if not config.hub_model_id:
-        raise ValueError("`push_to_hub` needs `hub_model_id`.")
-    api = HfApi()
-    api.create_repo(config.hub_model_id, exist_ok=True)
-    api.upload_folder(
-        repo_id=config.hub_model_id,
-        folder_path=str(output_dir),
-        ignore_patterns=["checkpoints/*", "logs/*", "tiny-stable-diffusion/*"],
-        commit_message="Upload VPD model trained with vpd_hf",
-    )
+    push_to_hub(output_dir, config.hub_model_id, commit_message="Upload VPD model trained with vpd_hf")
 
 
-__all__ = ["NonFiniteLossError", "compact_state_names", "register_compact_checkpoints", "resolve_checkpoint", "train"]
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    """The training command line (`scripts/train.py`, `vpd-hf train`)."""
+    from .config import parse_config
+
+    return train(parse_config(argv, prog=prog))
+
+
+__all__ = [
+    "NonFiniteLossError",
+    "compact_state_names",
+    "main",
+    "register_compact_checkpoints",
+    "resolve_checkpoint",
+    "train",
+]
