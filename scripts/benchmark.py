@@ -1,19 +1,35 @@
 #!/usr/bin/env python
-"""Latency of VPD depth inference against the bare Stable Diffusion VAE-encoder + UNet forward it is built on.
+"""Speed and memory of VPD inference and training, against the official design and a Marigold-style loop.
 
-For one image of `--resolution` x `--resolution` and each `--dtypes` entry, in a fresh process per dtype (so that the
-peak RSS belongs to that configuration), with random weights at the SD-1.5 size (`--size sd15`) or the tiny test size:
+Models have random weights at the Stable Diffusion 1.5 size (`--size sd15`) or the tiny test size (`--size tiny`, for
+CI smoke runs). They are built once, saved with `save_pretrained` under `--cache-dir`, and every measurement runs in a
+fresh process that loads them with `from_pretrained(dtype=...)`, so each peak-memory figure belongs to one
+configuration. Per task and dtype (inference) the worker measures, on the same inputs and weights:
 
-* `bare`: stock diffusers `AutoencoderKL.encode` (posterior mode) + `UNet2DConditionModel` at t = 1 with a one-token
-  context: what VPD costs at least;
-* `model`: `VPDModelForDepthEstimation(pixel_values)` (VAE + UNet taps + depth head), same weights;
-* `pipeline`: transformers' `pipeline("depth-estimation")` on a PIL image of that size (image processor + model +
-  post-processing back to the image size).
+* `model`: the vpd_hf forward (VAE encoder + UNet pass + head) over `--batch-sizes` x `--resolutions`: latency and
+  images/s; `pipeline`: the transformers pipeline on PIL images (processor + model + post-processing);
+* `bare`: stock diffusers `AutoencoderKL.encode` + `UNet2DConditionModel` at t = 1 with the task's context, plus the
+  task head timed alone on the UNet features (`bare+head`): the floor the pipeline is compared with;
+* `capture`: the UNet pass with VPD's attention-map processors against the same pass with SDPA everywhere;
+* `marigold`: one VAE encode + `--marigold-steps` UNet calls per image (the cost profile of generative depth, without
+  its VAE decodes: a lower bound);
+* `reference`: the official design, fp32 with attention probabilities materialised in every layer and its attention
+  store (`vpd_hf.attention.reference_attention`); the fast path's output is checked against it (relative L2 error);
+* FLOPs of one forward (`torch.utils.flop_counter`, 2 per multiply-add) and the fraction of the measured bf16 matmul
+  rate of the device they reach.
 
-Prints a Markdown table (and writes JSON with `--json`) with the median and min over `--repeats` timed runs after
-`--warmup` runs, the ratios to `bare`, the peak RSS and the machine/library versions. Example:
+Training (`--train-modes`): one optimiser step (forward with labels, backward, AdamW) at `--train-resolution` and
+`--train-batch-size`: `full` fine-tuning (fp32 weights, bf16 autocast), `checkpointing` (the same with activation
+checkpointing), `lora` (rank 16 on the UNet attention, frozen base weights in bf16, trainable weights in fp32),
+`reference` (the official design: fp32, every attention materialised, no autocast). Reports seconds per step and
+peak memory (RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA).
 
-    python scripts/benchmark.py --size sd15 --dtypes fp32 bf16 --repeats 3 --json outputs/bench.json
+Prints Markdown tables and writes JSON (`--json`). Examples:
+
+    python scripts/benchmark.py --tasks depth --dtypes fp32 bf16 --json outputs/bench-cpu.json          # CPU
+    python scripts/benchmark.py --device cuda --tasks depth segmentation referring --dtypes bf16 fp32 \\
+        --batch-sizes 1 16 32 --repeats 10 --warmup 3 --train-modes full checkpointing lora reference \\
+        --train-resolution 480 --json outputs/bench-h100.json                                            # GPU
 """
 
 from __future__ import annotations
@@ -26,91 +42,475 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+TASKS = ("depth", "segmentation", "referring")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+TRAIN_MODES = ("full", "checkpointing", "lora", "reference")
+TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 2e-2}  # relative L2 error of the fast path vs the fp32 reference
+TEXT = "the small dog on the left of the red chair"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=["depth"], help="tasks to measure")
     parser.add_argument("--size", choices=["sd15", "tiny"], default="sd15", help="model size (random weights)")
-    parser.add_argument("--resolution", type=int, default=512, help="square input image side")
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA if available")
+    parser.add_argument("--dtypes", nargs="*", choices=sorted(DTYPES), default=["fp32", "bf16"], help="inference")
+    parser.add_argument("--resolutions", nargs="+", type=int, default=[512], help="square input sides")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1], help="batch sizes of the model forward")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    parser.add_argument("--marigold-steps", type=int, default=10, help="UNet calls of the Marigold-style loop (0: off)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the official-design reference path")
+    parser.add_argument("--no-bare", action="store_true", help="skip the stock diffusers floor and capture overhead")
+    parser.add_argument("--train-modes", nargs="*", choices=TRAIN_MODES, default=[], help="training step measurements")
+    parser.add_argument("--train-resolution", type=int, default=480, help="training crop side")
+    parser.add_argument("--train-batch-size", type=int, default=1, help="training batch size")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (model + inputs)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (measured after warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "vpd_hf_benchmark_models")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--_worker", choices=sorted(DTYPES), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if any(r % 8 or r < 64 for r in [*args.resolutions, args.train_resolution]):
+        parser.error("--resolutions and --train-resolution must be multiples of 8, at least 64")
+    if min([*args.batch_sizes, args.train_batch_size, args.repeats]) < 1 or args.warmup < 0:
+        parser.error("batch sizes and --repeats must be >= 1, --warmup >= 0")
+    return args
 
 
-def timed(fn, repeats: int, warmup: int) -> dict[str, float]:
+# ---------------------------------------------------------------------------------------------------------------------
+# helpers shared by the workers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return name
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, warmup: int, device: str) -> dict[str, float]:
     for _ in range(warmup):
         fn()
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return {"median_s": statistics.median(times), "min_s": min(times), "runs": repeats}
 
 
-def peak_rss_gb() -> float:
+def reset_peak_memory(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gb(device: str) -> float:
+    """Peak since the last reset on CUDA (allocated tensors); the process's peak RSS on CPU."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 1024**3
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
-def worker(args: argparse.Namespace) -> dict:
-    """One dtype, in its own process."""
-    import numpy as np
+def matmul_rate_tflops(device: str, dtype_name: str = "bf16") -> float:
+    """Measured dense matmul rate of the device in `dtype_name` (TFLOP/s, 2 FLOPs per multiply-add)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from PIL import Image
-    from transformers import pipeline
+
+    dtype = getattr(torch, DTYPES[dtype_name])
+    n = 8192 if device == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    result = timed(lambda: a @ b, repeats=10 if device == "cuda" else 3, warmup=2, device=device)
+    return 2 * n**3 / result["min_s"] / 1e12
+
+
+def relative_error(fast, reference) -> float:
+    fast, reference = fast.float(), reference.float()
+    return float((fast - reference).norm() / reference.norm().clamp_min(1e-12))
+
+
+def model_path(args: argparse.Namespace, task: str) -> Path:
+    return args.cache_dir / f"{args.size}-{task}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# models: built once with random weights, saved, then loaded by every worker
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_and_save(args: argparse.Namespace, task: str) -> None:
+    """A random-weight model of `task` at `args.size`, saved with its processor (runs in its own process)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
     import vpd_hf
-    from vpd_hf.testing_utils import tiny_vpd_config
+    from vpd_hf.prompts import ADE20K_CLASS_NAMES
+    from vpd_hf.testing_utils import (
+        TINY_CLIP_VOCAB_SIZE,
+        save_tiny_clip_tokenizer,
+        tiny_clip_text_config,
+        tiny_referring_config,
+        tiny_segmentation_config,
+        tiny_vpd_config,
+    )
 
+    torch.manual_seed(0)
+    sd15 = args.size == "sd15"
+    if task == "depth":
+        config = vpd_hf.VPDConfig() if sd15 else tiny_vpd_config()
+        model = vpd_hf.VPDModelForDepthEstimation(config)
+    elif task == "segmentation":
+        names = list(ADE20K_CLASS_NAMES)
+        extra = {"semantic_inference_mode": "slide"}
+        if sd15:
+            config = vpd_hf.VPDConfig(
+                num_prompts=150, prompt_names=names, id2label=dict(enumerate(names)),
+                label2id={n: i for i, n in enumerate(names)}, attention_resolutions=[32, 16], **extra,
+            )  # fmt: skip
+        else:
+            config = tiny_segmentation_config(names, **extra)
+        model = vpd_hf.VPDModelForSegmentation(config)
+    else:
+        if sd15:  # SD-1.5's CLIP ViT-L/14 text encoder (vocabulary of 49408; the offline tokenizer uses a subset)
+            text_config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                         num_hidden_layers=12, num_attention_heads=12, projection_dim=768)  # fmt: skip
+            config = vpd_hf.VPDConfig(num_prompts=0, text_config=text_config.to_dict(), token_length=40,
+                                      attention_resolutions=[32, 16])  # fmt: skip
+        else:
+            config = tiny_referring_config(
+                token_length=40, text_config=tiny_clip_text_config(TINY_CLIP_VOCAB_SIZE).to_dict()
+            )
+        model = vpd_hf.VPDModelForReferringSegmentation(config)
+    if model.vpd.prompt_embeddings is not None:
+        model.vpd.prompt_embeddings.normal_(generator=torch.Generator().manual_seed(1))
+    out = model_path(args, task)
+    model.save_pretrained(out)
+    if task == "referring":
+        with tempfile.TemporaryDirectory() as folder:
+            tokenizer = CLIPTokenizer.from_pretrained(save_tiny_clip_tokenizer(folder), model_max_length=40)
+        vpd_hf.VPDProcessor(vpd_hf.VPDImageProcessor.for_task("referring"), tokenizer).save_pretrained(out)
+    else:
+        vpd_hf.VPDImageProcessor.for_task(task).save_pretrained(out)
+    (out / "benchmark_ready").write_text("ok")
+
+
+def load_model(args: argparse.Namespace, task: str, dtype, device: str):
+    import torch
+
+    import vpd_hf
+
+    classes = {
+        "depth": vpd_hf.VPDModelForDepthEstimation,
+        "segmentation": vpd_hf.VPDModelForSegmentation,
+        "referring": vpd_hf.VPDModelForReferringSegmentation,
+    }
+    start = time.perf_counter()
+    model = classes[task].from_pretrained(model_path(args, task), dtype=dtype).to(device).eval()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, time.perf_counter() - start
+
+
+class TaskRunner:
+    """Inputs and forward calls of one task, so that every path runs on the same tensors."""
+
+    def __init__(self, args: argparse.Namespace, task: str, model, device: str, dtype) -> None:
+        import torch
+
+        self.task, self.model, self.device, self.dtype = task, model, device, dtype
+        self.args = args
+        if task == "referring":
+            import vpd_hf
+
+            processor = vpd_hf.VPDProcessor.from_pretrained(model_path(args, task))
+            self.input_ids = processor(text=[TEXT], return_tensors="pt")["input_ids"].to(device)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def pixels(self, batch: int, side: int):
+        import torch
+
+        generator = torch.Generator().manual_seed(batch * 100003 + side)
+        pixels = torch.rand(batch, 3, side, side, generator=generator) * 2 - 1
+        pixels = pixels.to(self.device, self.dtype)
+        return pixels.contiguous(memory_format=torch.channels_last) if self.args.channels_last else pixels
+
+    def forward(self, pixels):
+        """The model's single-pass output (depth map / logits)."""
+        model = self.model
+        if self.task == "depth":
+            return model(pixels).predicted_depth
+        if self.task == "segmentation":
+            return model.dense_logits(pixels)
+        ids = self.input_ids.expand(pixels.shape[0], -1)
+        return model(pixel_values=pixels, input_ids=ids).logits
+
+    def context(self, batch: int):
+        """The UNet's conditioning for `batch` images, as the model builds it."""
+        vpd = self.model.vpd
+        if self.task == "depth":
+            return vpd._context(vpd.get_prompt_embeddings(None, batch), batch)
+        if self.task == "segmentation":
+            return vpd._context(None, batch)
+        embeds = self.model.encode_text(self.input_ids.expand(batch, -1))
+        return vpd._context(embeds, batch)
+
+    def head_call(self, pixels):
+        """A function running only the task head (depth head / FPN neck + head / LAVT decoder) on the inputs it gets
+        for `pixels`, captured by a pre-hook during one forward."""
+        model = self.model
+        first = {"depth": getattr(model, "head", None), "segmentation": getattr(model, "neck", None),
+                 "referring": getattr(model, "decoder", None)}[self.task]  # fmt: skip
+        captured = {}
+        handle = first.register_forward_pre_hook(
+            lambda module, args, kwargs: captured.setdefault("inputs", (args, kwargs)), with_kwargs=True
+        )
+        try:
+            self.forward(pixels)
+        finally:
+            handle.remove()
+        args, kwargs = captured["inputs"]
+        if self.task == "segmentation":
+            return lambda: model.head(model.neck(*args, **kwargs))
+        return lambda: first(*args, **kwargs)
+
+    def pipeline(self, side: int):
+        import numpy as np
+        from PIL import Image
+        from transformers import pipeline
+
+        import vpd_hf
+
+        path = model_path(self.args, self.task)
+        image = Image.fromarray((np.random.default_rng(side).random((side, side, 3)) * 255).astype(np.uint8))
+        size = {"height": side, "width": side}
+        device = 0 if self.device == "cuda" else -1
+        if self.task == "referring":
+            processor = vpd_hf.VPDProcessor.from_pretrained(path)
+            processor.image_processor.size = size
+            pipe = pipeline("referring-image-segmentation", model=self.model, processor=processor, device=device)
+            return lambda images: pipe(images, text=TEXT), image
+        image_processor = vpd_hf.VPDImageProcessor.for_task(self.task, size=size)
+        name = "depth-estimation" if self.task == "depth" else "image-segmentation"
+        pipe = pipeline(name, model=self.model, image_processor=image_processor, device=device, dtype=self.dtype)
+        return pipe, image
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# workers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def inference_worker(args: argparse.Namespace, task: str, dtype_name: str) -> dict[str, Any]:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vpd_hf.attention import reference_attention
+
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, DTYPES[args._worker])
-    torch.manual_seed(0)
-    config = vpd_hf.VPDConfig() if args.size == "sd15" else tiny_vpd_config()
-    model = vpd_hf.VPDModelForDepthEstimation(config).eval()
+    dtype = getattr(torch, DTYPES[dtype_name])
+    reset_peak_memory(device)
+    model, load_s = load_model(args, task, dtype, device)
+    if args.compile:
+        model.vpd.unet.compile()
+    runner = TaskRunner(args, task, model, device, dtype)
+    repeats, warmup = args.repeats, args.warmup + (2 if args.compile else 0)
+    result: dict[str, Any] = {"task": task, "dtype": dtype_name, "device": device, "load_s": load_s}
+    result["vae_dtype"] = str(model.vpd.vae.encoder.conv_in.weight.dtype).replace("torch.", "")
+    result["threads"] = torch.get_num_threads()
 
-    # Stock diffusers modules with the same weights (the UNet's unused output layers keep their fresh init).
-    unet = UNet2DConditionModel(**config.unet_config)
-    unet.load_state_dict(model.vpd.unet.state_dict(), strict=False)
-    vae = AutoencoderKL(**config.vae_config)
-    vae.load_state_dict(model.vpd.vae.state_dict(), strict=False)
-    del vae.decoder
-    model, unet, vae = model.to(dtype), unet.to(dtype).eval(), vae.to(dtype).eval()
-
-    side = args.resolution
-    pixels = (torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(dtype)
-    context = torch.randn(1, 1, config.prompt_embed_dim, dtype=dtype)
-    image = Image.fromarray((np.random.default_rng(0).random((side, side, 3)) * 255).astype(np.uint8))
-    processor = vpd_hf.VPDImageProcessor(size={"height": side, "width": side})
-    estimator = pipeline("depth-estimation", model=model, image_processor=processor, dtype=dtype)
-
-    def bare():
-        latents = vae.encode(pixels).latent_dist.mode()
-        return unet(latents, 1, encoder_hidden_states=context).sample
-
-    results = {}
     with torch.inference_mode():
-        results["bare"] = timed(bare, args.repeats, args.warmup)
-        results["model"] = timed(lambda: model(pixels), args.repeats, args.warmup)
-        results["pipeline"] = timed(lambda: estimator(image), args.repeats, args.warmup)
-        reference = model(pixels.float().to(dtype)).predicted_depth
-        assert torch.isfinite(reference).all(), "non-finite depth"
-    results["peak_rss_gb"] = peak_rss_gb()
-    results["threads"] = torch.get_num_threads()
-    return results
+        # 1. the vpd_hf forward over batch sizes and resolutions, then the pipeline
+        result["model"] = {}
+        for side in args.resolutions:
+            for batch in args.batch_sizes:
+                pixels = runner.pixels(batch, side)
+                timing = timed(lambda p=pixels: runner.forward(p), repeats, warmup, device)
+                timing["images_per_s"] = batch / timing["median_s"]
+                result["model"][f"{side}x{batch}"] = timing
+        side = args.resolutions[0]
+        pipe, image = runner.pipeline(side)
+        result["pipeline"] = {}
+        for batch in args.batch_sizes:
+            images = [image] * batch if batch > 1 else image
+            kwargs = {"batch_size": batch} if batch > 1 else {}
+            timing = timed(lambda i=images, k=kwargs: pipe(i, **k), repeats, warmup, device)
+            timing["images_per_s"] = batch / timing["median_s"]
+            result["pipeline"][f"{side}x{batch}"] = timing
+        result["peak_memory_gb"] = peak_memory_gb(device)
+
+        # 2. FLOPs of one forward at each resolution (batch 1)
+        result["gflops"] = {}
+        for side in args.resolutions:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                runner.forward(runner.pixels(1, side))
+            result["gflops"][str(side)] = counter.get_total_flops() / 1e9
+        result["matmul_tflops_bf16"] = matmul_rate_tflops(device, "bf16")
+        if dtype_name != "bf16":
+            result[f"matmul_tflops_{dtype_name}"] = matmul_rate_tflops(device, dtype_name)
+
+        pixels = runner.pixels(1, side)
+        fast = runner.forward(pixels).float()
+        if not torch.isfinite(fast).all():
+            raise FloatingPointError(f"{task} {dtype_name}: non-finite output")
+
+        # 3. the stock diffusers floor, the head alone, and the attention-capture overhead
+        if not args.no_bare:
+            config = model.config
+            unet = UNet2DConditionModel(**config.unet_config)
+            unet.load_state_dict(model.vpd.unet.state_dict(), strict=False)
+            vae = AutoencoderKL(**config.vae_config)
+            vae.load_state_dict(model.vpd.vae.state_dict(), strict=False)
+            del vae.decoder
+            unet, vae = unet.to(device, dtype).eval(), vae.to(device, dtype).eval()
+            context = runner.context(1)
+            timestep = torch.ones(1, dtype=torch.long, device=device)
+
+            def bare():
+                latents = vae.encode(pixels).latent_dist.mode()
+                return unet(latents, timestep, encoder_hidden_states=context).sample
+
+            result["bare"] = timed(bare, repeats, warmup, device)
+            result["head"] = timed(runner.head_call(pixels), repeats, warmup, device)
+            result["bare_plus_head_s"] = result["bare"]["median_s"] + result["head"]["median_s"]
+
+            latents = model.vpd.encode_images(pixels)
+            vpd_unet = model.vpd.unet
+
+            def unet_pass():
+                with model.vpd._recorder.record():
+                    return vpd_unet(latents, timestep, encoder_hidden_states=context)
+
+            result["unet_with_capture"] = timed(unet_pass, repeats, warmup, device)
+            saved = vpd_unet.attn_processors
+            vpd_unet.set_attn_processor(AttnProcessor2_0())
+            result["unet_sdpa_only"] = timed(unet_pass, repeats, warmup, device)
+            vpd_unet.set_attn_processor(saved)
+            result["capture_overhead"] = (
+                result["unet_with_capture"]["median_s"] / result["unet_sdpa_only"]["median_s"] - 1
+            )
+
+            # 4. Marigold-style: one encode, N UNet calls
+            if args.marigold_steps:
+
+                def marigold():
+                    latents = vae.encode(pixels).latent_dist.mode()
+                    for _ in range(args.marigold_steps):
+                        latents_out = unet(latents, timestep, encoder_hidden_states=context).sample
+                    return latents_out
+
+                result["marigold"] = timed(marigold, max(1, repeats // 2), min(warmup, 1), device)
+                result["marigold"]["steps"] = args.marigold_steps
+            del unet, vae
+
+    # 5. the official design: fp32, every attention materialised, attention store
+    if not args.no_reference:
+        model.float()
+        reference_runner = TaskRunner(args, task, model, device, torch.float32)
+        ref_pixels = pixels.float()
+        with torch.inference_mode(), reference_attention(model.vpd.unet) as store:
+            result["reference"] = timed(
+                lambda: (store.clear(), reference_runner.forward(ref_pixels)), repeats, warmup, device
+            )
+            reference_out = reference_runner.forward(ref_pixels).float()
+            result["reference"]["stored_maps"] = len(store)
+        error = relative_error(fast, reference_out)
+        result["correctness"] = {"relative_l2_error": error, "tolerance": TOLERANCE[dtype_name],
+                                 "ok": error <= TOLERANCE[dtype_name]}  # fmt: skip
+    return result
 
 
-def environment() -> dict:
+def training_worker(args: argparse.Namespace, task: str, mode: str) -> dict[str, Any]:
+    import contextlib
+
+    import torch
+
+    from vpd_hf.attention import reference_attention
+    from vpd_hf.training.lora import add_unet_lora, cast_frozen_weights
+    from vpd_hf.training.optimization import build_optimizer
+
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reset_peak_memory(device)
+    model, _ = load_model(args, task, torch.float32, device)
+    model.train()
+    if mode == "checkpointing":
+        model.gradient_checkpointing_enable()
+    if mode == "lora":
+        add_unet_lora(model, rank=16, alpha=16)
+        # Frozen base weights in bf16, trainable ones in fp32 (as diffusers' LoRA training scripts do).
+        cast_frozen_weights(model, torch.bfloat16)
+    optimizer = build_optimizer(model, task, 1e-5, 0.01, unet_lr_mult=1.0, fused=True if device == "cuda" else None)
+    side, batch = args.train_resolution, args.train_batch_size
+    generator = torch.Generator().manual_seed(0)
+    inputs: dict[str, Any] = {"pixel_values": (torch.rand(batch, 3, side, side, generator=generator) * 2 - 1)}
+    if task == "depth":
+        inputs["labels"] = torch.rand(batch, side, side, generator=generator) * 9 + 0.5
+    elif task == "segmentation":
+        inputs["labels"] = torch.randint(0, model.config.num_labels, (batch, side, side), generator=generator)
+    else:
+        runner = TaskRunner(args, task, model, device, torch.float32)
+        inputs["input_ids"] = runner.input_ids.expand(batch, -1)
+        inputs["labels"] = torch.randint(0, 2, (batch, side, side), generator=generator)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+
+    autocast = mode != "reference"
+
+    def step():
+        scope = reference_attention(model.vpd.unet) if mode == "reference" else contextlib.nullcontext()
+        with scope, torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{task} {mode}: non-finite training loss")
+
+    result = {"task": task, "mode": mode, "device": device, "resolution": side, "batch_size": batch}
+    result["step"] = timed(step, max(1, args.repeats - 1), max(1, args.warmup), device)
+    result["peak_memory_gb"] = peak_memory_gb(device)
+    result["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    result["total_parameters"] = sum(p.numel() for p in model.parameters())
+    result["threads"] = torch.get_num_threads()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the parent process
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def environment(device: str) -> dict:
     import diffusers
+    import peft
     import torch
     import transformers
 
@@ -120,44 +520,142 @@ def environment() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {
+    info = {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
-        "cuda": torch.cuda.is_available(),
+        "peft": peft.__version__,
+        "device": device,
     }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def run_worker(args: argparse.Namespace, spec: str, allow_failure: bool = False) -> dict:
+    """Runs one measurement in a fresh process. With `allow_failure`, a worker that dies (e.g. killed for memory on a
+    small machine) is recorded as an error row instead of ending the run."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        out = Path(handle.name)
+    command = [sys.executable, __file__, *sys.argv[1:], "--_worker", f"{spec}:{out}"]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stderr[-6000:])
+        out.unlink(missing_ok=True)
+        killed = " (killed: out of memory?)" if completed.returncode in (-9, 137) else ""
+        message = f"benchmark worker {spec} failed (exit {completed.returncode}){killed}"
+        if not allow_failure:
+            raise SystemExit(message)
+        _, task, variant = spec.split("/")
+        return {"task": task, "mode": variant, "error": message}
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    spec, out = args._worker.split(":", 1)
+    kind, task, variant = spec.split("/")
+    if kind == "build":
+        build_and_save(args, task)
+        result: dict[str, Any] = {"built": task}
+    elif kind == "infer":
+        result = inference_worker(args, task, variant)
+    else:
+        result = training_worker(args, task, variant)
+    Path(out).write_text(json.dumps(result))
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def print_report(report: dict, args: argparse.Namespace) -> None:
+    env = report["environment"]
+    machine = env.get("gpu") or f"{env['cpu']} ({env['cores']} cores)"
+    print(f"# VPD benchmark, {args.size} size, device {env['device']}: {machine}")
+    print(f"torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}, peft {env['peft']}")
+    print(f"command: python scripts/{report['command']}\n")
+    if report["inference"]:
+        side = args.resolutions[0]
+        print(f"## Inference, {side}x{side}, batch 1 (seconds, median)\n")
+        print("| task | dtype | model | pipeline | bare VAE+UNet | bare+head | pipeline / bare+head | reference (fp32, "
+              "naive attn) | speed-up vs reference | Marigold-style | speed-up vs Marigold | capture overhead | "
+              "GFLOPs | % of bf16 matmul rate | rel. error vs reference | peak memory (GB) |")  # fmt: skip
+        print("|---" * 16 + "|")
+        for run in report["inference"]:
+            model_s = run["model"][f"{side}x1"]["median_s"]
+            pipe_s = run["pipeline"].get(f"{side}x1", {}).get("median_s")
+            bare = run.get("bare", {}).get("median_s")
+            bare_head = run.get("bare_plus_head_s")
+            ref = run.get("reference", {}).get("median_s")
+            mari = run.get("marigold", {}).get("median_s")
+            gflops = run["gflops"][str(side)]
+            rate = gflops / 1e3 / model_s / run["matmul_tflops_bf16"]
+            error = run.get("correctness", {}).get("relative_l2_error")
+            overhead = run.get("capture_overhead")
+            print(
+                f"| {run['task']} | {run['dtype']} | {fmt(model_s)} | {fmt(pipe_s)} | {fmt(bare)} | {fmt(bare_head)} "
+                f"| {fmt(pipe_s / bare_head if pipe_s and bare_head else None, 2)} | {fmt(ref)} "
+                f"| {fmt(ref / model_s if ref else None, 2)} | {fmt(mari)} | {fmt(mari / model_s if mari else None, 2)} "
+                f"| {'—' if overhead is None else f'{100 * overhead:+.1f} %'} | {gflops:.0f} | {100 * rate:.1f} % "
+                f"| {'—' if error is None else f'{error:.1e}'} | {run['peak_memory_gb']:.2f} |"
+            )
+        rows = [(run, key, t) for run in report["inference"] for key, t in run["model"].items()]
+        if len(rows) > len(report["inference"]):
+            print("\n## Throughput of the model forward (images/s)\n")
+            print("| task | dtype | resolution x batch | latency (s) | images/s |\n|---|---|---|---|---|")
+            for run, key, timing in rows:
+                print(f"| {run['task']} | {run['dtype']} | {key} | {timing['median_s']:.4f} "
+                      f"| {timing['images_per_s']:.2f} |")  # fmt: skip
+    if report["training"]:
+        print("\n## Training step (forward + backward + AdamW)\n")
+        print("| task | mode | resolution x batch | s / step | peak memory (GB) | trainable parameters |")
+        print("|---|---|---|---|---|---|")
+        for run in report["training"]:
+            if "error" in run:
+                print(f"| {run['task']} | {run['mode']} | {args.train_resolution}x{args.train_batch_size} "
+                      f"| {run['error']} | — | — |")  # fmt: skip
+                continue
+            print(f"| {run['task']} | {run['mode']} | {run['resolution']}x{run['batch_size']} "
+                  f"| {run['step']['median_s']:.3f} | {run['peak_memory_gb']:.2f} | {run['trainable_parameters']:,} |")  # fmt: skip
 
 
 def main() -> None:
     args = parse_args()
     if args._worker:
-        print(json.dumps(worker(args)))
+        worker_main(args)
         return
-    report = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "environment": environment(), "runs": {}}
-    for dtype in args.dtypes:
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--_worker", dtype]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        report["runs"][dtype] = json.loads(out.strip().splitlines()[-1])
-
-    env = report["environment"]
-    print(f"# VPD depth latency, {args.size} size, {args.resolution}x{args.resolution}, batch 1")
-    print(f"{env['cpu']} ({env['cores']} cores), torch {env['torch']}, diffusers {env['diffusers']}, "
-          f"transformers {env['transformers']}")  # fmt: skip
-    print(f"command: python scripts/{report['command']}\n")
-    print(
-        "| dtype | bare VAE+UNet (s) | VPD model (s) | depth pipeline (s) | model / bare | pipeline / bare | peak RSS (GB) |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for dtype, run in report["runs"].items():
-        bare, model, pipe = (run[k]["median_s"] for k in ("bare", "model", "pipeline"))
-        print(f"| {dtype} | {bare:.3f} | {model:.3f} | {pipe:.3f} | {model / bare:.2f} | {pipe / bare:.2f} "
-              f"| {run['peak_rss_gb']:.2f} |")  # fmt: skip
+    device = resolve_device(args.device)
+    report: dict[str, Any] = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "environment": environment(device),
+        "inference": [],
+        "training": [],
+    }
+    for task in args.tasks:
+        if not (model_path(args, task) / "benchmark_ready").is_file():
+            print(f"building the random {args.size} {task} model in {model_path(args, task)} ...", file=sys.stderr)
+            run_worker(args, f"build/{task}/-")
+        for dtype in args.dtypes:
+            print(f"inference: {task} {dtype} ...", file=sys.stderr)
+            report["inference"].append(run_worker(args, f"infer/{task}/{dtype}"))
+        for mode in args.train_modes:
+            print(f"training: {task} {mode} ...", file=sys.stderr)
+            report["training"].append(run_worker(args, f"train/{task}/{mode}", allow_failure=True))
+    print_report(report, args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
+    failed = [r for r in report["inference"] if not r.get("correctness", {}).get("ok", True)]
+    if failed:
+        raise SystemExit(
+            f"fast path differs from the reference beyond tolerance: {[(r['task'], r['dtype']) for r in failed]}"
+        )
 
 
 if __name__ == "__main__":

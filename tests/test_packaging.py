@@ -19,7 +19,7 @@ def test_ci_runs_exactly_the_readme_test_command():
     test_command = next(c for c in commands if "pytest" in c)
     ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert test_command in ci_lines
-    assert commands[0].startswith("python3 -m venv") and commands[0].endswith("python scripts/depth_demo.py")
+    assert commands[0].startswith("python3 -m venv") and commands[0].endswith("python scripts/quickstart.py")
     # The CPU torch is installed before the package, so that pip keeps it.
     for command in commands[:2]:
         assert command.index("pip install torch==2.13.0") < command.index("pip install -e")
@@ -30,7 +30,7 @@ def test_bundled_photo_ships_with_the_package():
 
     assert example_image_path().is_file()
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'vpd_hf = ["assets/*", "training/recipes/*.yaml"]' in pyproject
+    assert 'vpd_hf = ["assets/*", "training/recipes/*.yaml", "model_cards/*.md"]' in pyproject
     from vpd_hf.training.config import RECIPES, recipe_path
 
     assert all(recipe_path(name).is_file() for name in RECIPES)
@@ -69,19 +69,29 @@ def test_benchmark_harness_smoke(tmp_path):
 
     report_path = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--size", "tiny", "--resolution", "64",
-         "--dtypes", "fp32", "--repeats", "1", "--warmup", "0", "--json", str(report_path)],
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--size", "tiny", "--tasks", "segmentation",
+         "--resolutions", "64", "--dtypes", "fp32", "--repeats", "1", "--warmup", "0", "--marigold-steps", "2",
+         "--train-modes", "lora", "--train-resolution", "64", "--train-batch-size", "2",
+         "--cache-dir", str(tmp_path / "models"), "--json", str(report_path)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| fp32 |" in result.stdout
+    assert "| segmentation | fp32 |" in result.stdout and "| segmentation | lora |" in result.stdout
     report = json.loads(report_path.read_text())
-    run = report["runs"]["fp32"]
-    assert {"bare", "model", "pipeline"} <= run.keys() and all(run[k]["median_s"] > 0 for k in ("bare", "model"))
+    (run,) = report["inference"]
+    assert {"model", "pipeline", "bare", "head", "marigold", "reference", "gflops"} <= run.keys()
+    assert run["model"]["64x1"]["median_s"] > 0 and run["gflops"]["64"] > 0
+    # the fast path (SDPA + capture of the K maps only) matches the official-design path on the same weights
+    assert run["correctness"]["ok"] and run["correctness"]["relative_l2_error"] < 1e-4
+    assert run["reference"]["stored_maps"] > 0
+    (train,) = report["training"]
+    assert train["mode"] == "lora" and train["step"]["median_s"] > 0
+    # LoRA trains adapters + head, far fewer parameters than the whole model
+    assert 0 < train["trainable_parameters"] < train["total_parameters"] / 2
     assert report["environment"]["torch"] and report["command"].startswith("benchmark.py")
 
 
-@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "benchmark.py", "depth_demo.py"])
+@pytest.mark.parametrize("script", ["quickstart.py", "train.py", "evaluate.py", "benchmark.py", "depth_demo.py"])
 def test_scripts_explain_themselves(script):
     """`scripts/evaluate.py` shares the `evaluate` library's name and sits first on every script's import path:
     vpd_hf must still import the real library."""
@@ -90,3 +100,20 @@ def test_scripts_explain_themselves(script):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout and "--" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "multi_gpu_ddp", "fsdp"])
+def test_accelerate_config_files_load(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.mixed_precision == "bf16"
+    expected = {"single_gpu": "NO", "multi_gpu_ddp": "MULTI_GPU", "fsdp": "FSDP"}[name]
+    assert config.distributed_type.value == expected
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_version"] == 2
+        from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.resnet import ResnetBlock2D
+
+        wrapped = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+        assert wrapped == [BasicTransformerBlock.__name__, ResnetBlock2D.__name__]
