@@ -35,6 +35,7 @@ Prints Markdown tables and writes JSON (`--json`). Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -120,19 +121,28 @@ def timed(fn, repeats: int, warmup: int, device: str) -> dict[str, float]:
 
 
 def reset_peak_memory(device: str) -> None:
+    """CUDA: resets the allocator's peak. CPU (Linux): resets the process's peak RSS (VmHWM) to its current RSS, so
+    that the next reading is the peak of what ran since (model resident + the measured work), not of loading."""
     import torch
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):  # not Linux: the reading stays the lifetime peak
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_memory_gb(device: str) -> float:
-    """Peak since the last reset on CUDA (allocated tensors); the process's peak RSS on CPU."""
+    """Peak since the last reset: allocated tensors on CUDA; resident set size (VmHWM) on CPU."""
     import torch
 
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 1024**3
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024**2
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
 def matmul_rate_tflops(device: str, dtype_name: str = "bf16") -> float:
@@ -267,6 +277,22 @@ class TaskRunner:
         ids = self.input_ids.expand(pixels.shape[0], -1)
         return model(pixel_values=pixels, input_ids=ids).logits
 
+    def check_outputs(self, pixels) -> dict[str, Any]:
+        """What the correctness check compares: the backbone's feature maps and attention maps (captured from the
+        forward) and the task output, as float32. The backbone is compared too because a random-weight head can
+        saturate (e.g. the depth head's sigmoid), which would hide differences in its input."""
+        captured = {}
+        handle = self.model.vpd.register_forward_hook(lambda module, args, output: captured.setdefault("out", output))
+        try:
+            output = self.forward(pixels)
+        finally:
+            handle.remove()
+        backbone = captured["out"]
+        checks = {f"feature_map_{i}": t.float() for i, t in enumerate(backbone.feature_maps)}
+        checks.update({f"attention_map_{i}": t.float() for i, t in enumerate(backbone.attention_maps or ())})
+        checks["output"] = output.float()
+        return checks
+
     def context(self, batch: int):
         """The UNet's conditioning for `batch` images, as the model builds it."""
         vpd = self.model.vpd
@@ -337,11 +363,14 @@ def inference_worker(args: argparse.Namespace, task: str, dtype_name: str) -> di
     dtype = getattr(torch, DTYPES[dtype_name])
     reset_peak_memory(device)
     model, load_s = load_model(args, task, dtype, device)
+    load_peak_gb = peak_memory_gb(device)
+    reset_peak_memory(device)
     if args.compile:
         model.vpd.unet.compile()
     runner = TaskRunner(args, task, model, device, dtype)
     repeats, warmup = args.repeats, args.warmup + (2 if args.compile else 0)
-    result: dict[str, Any] = {"task": task, "dtype": dtype_name, "device": device, "load_s": load_s}
+    result: dict[str, Any] = {"task": task, "dtype": dtype_name, "device": device, "load_s": load_s,
+                              "load_peak_memory_gb": load_peak_gb}  # fmt: skip
     result["vae_dtype"] = str(model.vpd.vae.encoder.conv_in.weight.dtype).replace("torch.", "")
     result["threads"] = torch.get_num_threads()
 
@@ -377,8 +406,8 @@ def inference_worker(args: argparse.Namespace, task: str, dtype_name: str) -> di
             result[f"matmul_tflops_{dtype_name}"] = matmul_rate_tflops(device, dtype_name)
 
         pixels = runner.pixels(1, side)
-        fast = runner.forward(pixels).float()
-        if not torch.isfinite(fast).all():
+        fast = runner.check_outputs(pixels)
+        if not all(torch.isfinite(t).all() for t in fast.values()):
             raise FloatingPointError(f"{task} {dtype_name}: non-finite output")
 
         # 3. the stock diffusers floor, the head alone, and the attention-capture overhead
@@ -439,17 +468,17 @@ def inference_worker(args: argparse.Namespace, task: str, dtype_name: str) -> di
             result["reference"] = timed(
                 lambda: (store.clear(), reference_runner.forward(ref_pixels)), repeats, warmup, device
             )
-            reference_out = reference_runner.forward(ref_pixels).float()
+            store.clear()
+            reference_out = reference_runner.check_outputs(ref_pixels)
             result["reference"]["stored_maps"] = len(store)
-        error = relative_error(fast, reference_out)
-        result["correctness"] = {"relative_l2_error": error, "tolerance": TOLERANCE[dtype_name],
+        errors = {name: relative_error(fast[name], reference_out[name]) for name in fast}
+        error = max(errors.values())
+        result["correctness"] = {"relative_l2_error": error, "per_output": errors, "tolerance": TOLERANCE[dtype_name],
                                  "ok": error <= TOLERANCE[dtype_name]}  # fmt: skip
     return result
 
 
 def training_worker(args: argparse.Namespace, task: str, mode: str) -> dict[str, Any]:
-    import contextlib
-
     import torch
 
     from vpd_hf.attention import reference_attention
@@ -481,6 +510,7 @@ def training_worker(args: argparse.Namespace, task: str, mode: str) -> dict[str,
         inputs["input_ids"] = runner.input_ids.expand(batch, -1)
         inputs["labels"] = torch.randint(0, 2, (batch, side, side), generator=generator)
     inputs = {k: v.to(device) for k, v in inputs.items()}
+    reset_peak_memory(device)  # the peak of the training steps (weights, gradients, optimiser state, activations)
 
     autocast = mode != "reference"
 
@@ -585,7 +615,7 @@ def print_report(report: dict, args: argparse.Namespace) -> None:
         print(f"## Inference, {side}x{side}, batch 1 (seconds, median)\n")
         print("| task | dtype | model | pipeline | bare VAE+UNet | bare+head | pipeline / bare+head | reference (fp32, "
               "naive attn) | speed-up vs reference | Marigold-style | speed-up vs Marigold | capture overhead | "
-              "GFLOPs | % of bf16 matmul rate | rel. error vs reference | peak memory (GB) |")  # fmt: skip
+              "GFLOPs | % of bf16 matmul rate | rel. error vs reference | peak memory (GB): loading / inference |")  # fmt: skip
         print("|---" * 16 + "|")
         for run in report["inference"]:
             model_s = run["model"][f"{side}x1"]["median_s"]
@@ -603,7 +633,8 @@ def print_report(report: dict, args: argparse.Namespace) -> None:
                 f"| {fmt(pipe_s / bare_head if pipe_s and bare_head else None, 2)} | {fmt(ref)} "
                 f"| {fmt(ref / model_s if ref else None, 2)} | {fmt(mari)} | {fmt(mari / model_s if mari else None, 2)} "
                 f"| {'—' if overhead is None else f'{100 * overhead:+.1f} %'} | {gflops:.0f} | {100 * rate:.1f} % "
-                f"| {'—' if error is None else f'{error:.1e}'} | {run['peak_memory_gb']:.2f} |"
+                f"| {'—' if error is None else f'{error:.1e}'} | {fmt(run.get('load_peak_memory_gb'), 2)} "
+                f"/ {run['peak_memory_gb']:.2f} |"
             )
         rows = [(run, key, t) for run in report["inference"] for key, t in run["model"].items()]
         if len(rows) > len(report["inference"]):
