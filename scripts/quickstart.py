@@ -19,7 +19,6 @@ import logging
 import time
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -32,6 +31,7 @@ from vpd_hf import (
     VPDProcessor,
 )
 from vpd_hf.data import depth_dataset, referring_dataset, segmentation_dataset
+from vpd_hf.data.loading import load_splits
 from vpd_hf.data.synthetic import SYNTHETIC_ID2LABEL, save_synthetic_dataset
 from vpd_hf.metrics import compute_depth_metrics, compute_mean_iou, compute_referring_metrics
 from vpd_hf.training import TrainConfig
@@ -193,7 +193,7 @@ def main() -> None:
 
     logger.info("3. reloading the saved model with from_pretrained and evaluating ...")
     model = MODEL_CLASSES[args.task].from_pretrained(config.output_dir).eval()
-    splits = datasets.load_dataset(str(data_dir), "referring" if args.task == "referring" else "scenes")
+    splits = load_splits(data_dir, "referring" if args.task == "referring" else "scenes")
     if args.task == "depth":
         eval_set = depth_dataset(splits["validation"], "eval", scene_names=model.config.prompt_names)
     elif args.task == "segmentation":

@@ -576,3 +576,19 @@ def test_command_line_writes_the_dataset(tmp_path):
     with pytest.raises(SystemExit) as error:
         main(["--output", str(out), "--height", "0"])
     assert error.value.code == 2
+
+
+def test_load_splits_keeps_local_folders_with_the_same_name_apart(tmp_path):
+    """datasets caches `load_dataset(folder, config)` by the folder's name; load_splits must not mix two `data/`."""
+    from vpd_hf.data.loading import load_splits
+
+    first = save_synthetic_dataset(tmp_path / "a" / "data", num_train=1, num_validation=2, height=32, width=32,
+                                   progress=False)  # fmt: skip
+    assert len(load_splits(first, "scenes")["validation"]) == 2
+    second = save_synthetic_dataset(tmp_path / "b" / "data", num_train=1, num_validation=3, height=32, width=32,
+                                    progress=False)  # fmt: skip
+    assert len(load_splits(second, "scenes")["validation"]) == 3
+    referring = load_splits(second, "referring")["validation"]
+    assert len(referring) > 0 and max(referring["image_id"]) == 2  # the referents of the second folder's 3 images
+    save_synthetic_dataset(first, num_train=1, num_validation=4, height=32, width=32, progress=False)
+    assert len(load_splits(first, "scenes")["validation"]) == 4  # rewritten in place: the new files

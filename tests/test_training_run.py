@@ -104,6 +104,11 @@ def test_non_finite_loss_stops_training_with_the_step(tmp_path):
         train(config(tmp_path, "nan", learning_rate=1e30, max_steps=3, weight_decay=0.0, lr_schedule="constant"))
 
 
+def test_a_training_split_smaller_than_one_batch_is_an_error_not_an_endless_loop(tmp_path):
+    with pytest.raises(ValueError, match="training split has 2 examples, fewer than one batch"):
+        train(config(tmp_path, "small", synthetic_num_train=2, per_device_train_batch_size=4, max_steps=2))
+
+
 @pytest.mark.parametrize("task", ["depth", "segmentation", "referring"])
 def test_evaluation_equals_metrics_computed_by_hand(tmp_path, task):
     size = 96 if task == "referring" else 64  # synthetic referents need enough visible pixels

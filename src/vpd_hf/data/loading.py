@@ -14,8 +14,10 @@ def load_splits(dataset: str | Path, config_name: str | None = None) -> Any:
 
     path = Path(str(dataset))
     if path.is_dir():
+        # Local folders go through the parquet builder: `load_dataset(folder, config)` caches by the folder's *name*
+        # (datasets 5.2), so two folders called `data` would share one cache and the second would load the first.
         if config_name and (path / config_name).is_dir():
-            return datasets.load_dataset(str(path), config_name)
+            path = path / config_name
         return datasets.load_dataset("parquet", data_dir=str(path))
     return datasets.load_dataset(str(dataset), config_name)
 

@@ -1447,8 +1447,9 @@ at {height} x {width} pixels with seed {seed}: {num_train} training and {num_val
     python -m vpd_hf.data.synthetic --output DIR --num-train {num_train} --num-validation {num_validation} \\
         --height {height} --width {width} --seed {seed}
 
-Load with `datasets.load_dataset(DIR, "scenes")` / `datasets.load_dataset(DIR, "referring")`, or
-`datasets.load_dataset("parquet", data_dir=DIR + "/scenes")`.
+Load with `datasets.load_dataset("parquet", data_dir=DIR + "/scenes")` (or `/referring`), or, once uploaded,
+`datasets.load_dataset(REPO, "scenes")`. (`load_dataset(DIR, "scenes")` also works, but datasets caches local folders
+of that form by folder name: two local copies with the same name would share one cache.)
 
 ## `scenes`: one row per image (NYUv2 `sayakpaul/nyu_depth_v2` + ADE20K `scene_parse_150` layouts)
 

@@ -185,6 +185,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and not fsdp:
         model.convert_sync_batchnorm()  # BatchNorm statistics over the global batch (SyncBatchNorm is CUDA-only)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    if len(train_loader) == 0:  # batches are kept full (drop_last): an epoch would have no step and never end
+        raise ValueError(
+            f"The training split has {len(train_dataset)} examples, fewer than one batch of "
+            f"`per_device_train_batch_size` {config.per_device_train_batch_size} x {accelerator.num_processes} "
+            "process(es); lower the batch size or use more data."
+        )
     steps_per_epoch = max(1, math.ceil(len(train_loader) / config.gradient_accumulation_steps))
     total_steps = config.max_steps or config.num_epochs * steps_per_epoch
     scheduler = build_scheduler(
