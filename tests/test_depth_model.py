@@ -1,6 +1,7 @@
 """VPDModelForDepthEstimation: the official head procedure, loss, conditioning, save/load, initialisation, sizes."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +249,14 @@ def test_loaded_models_keep_the_vae_and_text_encoder_frozen(tmp_path, train_text
         assert not any(p.requires_grad for p in model.vpd.vae.parameters())
         assert all(p.requires_grad for p in model.vpd.unet.parameters())
     assert all(p.requires_grad == train_text_encoder for p in referring.text_encoder.parameters())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_loading_in_another_dtype_does_not_keep_the_checkpoint_mapped(depth_model, tmp_path):
+    """Integer buffers are not cast by `dtype=`; as views of the mmapped file they kept all of it resident."""
+    depth_model.head.decoder.deconv_layers[1].num_batches_tracked.fill_(7)
+    depth_model.save_pretrained(tmp_path / "saved")
+    loaded = VPDModelForDepthEstimation.from_pretrained(tmp_path / "saved", dtype=torch.bfloat16)
+    assert str(tmp_path / "saved" / "model.safetensors") not in Path("/proc/self/maps").read_text()
+    assert int(loaded.head.decoder.deconv_layers[1].num_batches_tracked) == 7
+    assert loaded.head.decoder.deconv_layers[1].weight.dtype == torch.bfloat16

@@ -276,7 +276,17 @@ class VPDPreTrainedModel(PreTrainedModel):
         model = result[0] if isinstance(result, tuple) else result
         if isinstance(model, VPDPreTrainedModel):
             model.apply_frozen_parts()  # loading materialises fresh parameters, which would all require gradients
+            model._own_integer_buffers()
         return result
+
+    def _own_integer_buffers(self) -> None:
+        # `dtype=` casts floating tensors only: integer buffers (BatchNorm's `num_batches_tracked`) stay views of the
+        # memory-mapped checkpoint, and a few bytes keep the whole file mapped (3.5 GB resident for an SD-1.5-sized
+        # model loaded in bf16 from fp32 weights). Owning copies let the mapping go.
+        for module in self.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and not buffer.is_floating_point():
+                    module._buffers[name] = buffer.clone()
 
     def apply_frozen_parts(self) -> VPDPreTrainedModel:
         """Freezes what VPD never trains: the VAE encoder, and the text encoder unless `config.train_text_encoder`."""
