@@ -232,13 +232,8 @@ def load_model(args: argparse.Namespace, task: str, dtype, device: str):
 
     import vpd_hf
 
-    classes = {
-        "depth": vpd_hf.VPDModelForDepthEstimation,
-        "segmentation": vpd_hf.VPDModelForSegmentation,
-        "referring": vpd_hf.VPDModelForReferringSegmentation,
-    }
     start = time.perf_counter()
-    model = classes[task].from_pretrained(model_path(args, task), dtype=dtype).to(device).eval()
+    model = vpd_hf.TASK_MODEL_CLASSES[task].from_pretrained(model_path(args, task), dtype=dtype).to(device).eval()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, time.perf_counter() - start

@@ -23,13 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from vpd_hf import (
-    VPDImageProcessor,
-    VPDModelForDepthEstimation,
-    VPDModelForReferringSegmentation,
-    VPDModelForSegmentation,
-    VPDProcessor,
-)
+from vpd_hf import TASK_MODEL_CLASSES, VPDImageProcessor, VPDProcessor
 from vpd_hf.data import depth_dataset, referring_dataset, segmentation_dataset
 from vpd_hf.data.loading import load_splits
 from vpd_hf.data.synthetic import SYNTHETIC_ID2LABEL, save_synthetic_dataset
@@ -59,11 +53,6 @@ SETTINGS = {
                   "model_overrides": {"referring_loss_weights": [0.5, 2.0], "detach_attention_maps": False,
                                       "train_text_encoder": True}},
 }  # fmt: skip
-MODEL_CLASSES = {
-    "depth": VPDModelForDepthEstimation,
-    "segmentation": VPDModelForSegmentation,
-    "referring": VPDModelForReferringSegmentation,
-}
 
 
 def parse_args() -> argparse.Namespace:
@@ -192,7 +181,7 @@ def main() -> None:
     result = train(config)
 
     logger.info("3. reloading the saved model with from_pretrained and evaluating ...")
-    model = MODEL_CLASSES[args.task].from_pretrained(config.output_dir).eval()
+    model = TASK_MODEL_CLASSES[args.task].from_pretrained(config.output_dir).eval()
     splits = load_splits(data_dir, "referring" if args.task == "referring" else "scenes")
     if args.task == "depth":
         eval_set = depth_dataset(splits["validation"], "eval", scene_names=model.config.prompt_names)
@@ -229,7 +218,7 @@ def main() -> None:
     logger.info("")
     for file in ("examples.png", "training_curve.png", "results.json"):
         logger.info("wrote %s", output / file)
-    logger.info("model: %s (loads with %s.from_pretrained)", config.output_dir, MODEL_CLASSES[args.task].__name__)
+    logger.info("model: %s (loads with %s.from_pretrained)", config.output_dir, TASK_MODEL_CLASSES[args.task].__name__)
     logger.info("done in %.0f s", time.perf_counter() - started)
 
 

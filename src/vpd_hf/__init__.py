@@ -34,6 +34,7 @@ from .metrics import (
     compute_referring_metrics,
 )
 from .modeling_vpd import (
+    TASK_MODEL_CLASSES,
     VPDBackboneOutput,
     VPDDepthEstimatorOutput,
     VPDModel,
@@ -98,6 +99,7 @@ __all__ = [
     "NYU_SCENE_NAMES",
     "SD15_UNET_CONFIG",
     "SD15_VAE_CONFIG",
+    "TASK_MODEL_CLASSES",
     "DepthMetric",
     "DepthMetricAccumulator",
     "MeanIoU",

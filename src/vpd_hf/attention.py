@@ -107,7 +107,7 @@ class CrossAttentionMapProcessor:
             raise ValueError(f"{type(self).__name__} is for cross-attention layers; it got no encoder_hidden_states.")
         out, probs = explicit_attention(attn, hidden_states, encoder_hidden_states, attention_mask)
         if self.recorder.active:
-            mean_probs = probs.unflatten(0, (hidden_states.shape[0], attn.heads)).mean(dim=1)
+            mean_probs = _mean_over_heads(probs, hidden_states.shape[0], attn.heads)
             self.recorder.put(self.key, mean_probs.detach() if self.detach else mean_probs)
         return out
 
@@ -132,6 +132,18 @@ def explicit_attention(
     return out / attn.rescale_output_factor, probs
 
 
+def _mean_over_heads(probs: torch.Tensor, batch_size: int, heads: int) -> torch.Tensor:
+    """`(B * heads, N, tokens)` probabilities -> their mean over the heads, `(B, N, tokens)`."""
+    return probs.unflatten(0, (batch_size, heads)).mean(dim=1)
+
+
+def _check_plain_attention(module: Attention, name: str, purpose: str) -> None:
+    """The explicit processors here implement Stable Diffusion's plain attention only."""
+    unsupported = module.group_norm, module.spatial_norm, module.norm_cross
+    if any(part is not None for part in unsupported) or module.residual_connection:
+        raise ValueError(f"Cannot {purpose} `{name}`: unsupported attention variant.")
+
+
 class ReferenceAttentionProcessor:
     r"""
     The attention of the official VPD code, for benchmarks and equivalence tests: probabilities are materialised in
@@ -154,7 +166,7 @@ class ReferenceAttentionProcessor:
     ) -> torch.Tensor:
         out, probs = explicit_attention(attn, hidden_states, encoder_hidden_states, attention_mask)
         if hidden_states.shape[1] <= self.max_stored_queries:
-            self.store.append(probs.unflatten(0, (hidden_states.shape[0], attn.heads)).mean(dim=1).detach())
+            self.store.append(_mean_over_heads(probs, hidden_states.shape[0], attn.heads).detach())
         return out
 
 
@@ -169,9 +181,7 @@ def reference_attention(unet: torch.nn.Module, max_stored_queries: int = 32 * 32
     for name, processor in saved.items():
         module = unet.get_submodule(name.removesuffix(".processor"))
         if not isinstance(processor, CrossAttentionMapProcessor):
-            unsupported = module.group_norm, module.spatial_norm, module.norm_cross
-            if any(part is not None for part in unsupported) or module.residual_connection:
-                raise ValueError(f"Cannot emulate the reference attention in `{name}`: unsupported attention variant.")
+            _check_plain_attention(module, name, "emulate the reference attention in")
             module.set_processor(reference)
     try:
         yield store
@@ -198,9 +208,7 @@ def install_cross_attention_capture(
     for level in levels:
         layers = cross_attention_layers(unet, level)
         for name, module in layers:
-            unsupported = module.group_norm, module.spatial_norm, module.norm_cross
-            if any(part is not None for part in unsupported) or module.residual_connection:
-                raise ValueError(f"Cannot capture attention maps of `{name}`: unsupported attention variant.")
+            _check_plain_attention(module, name, "capture attention maps of")
             module.set_processor(CrossAttentionMapProcessor(recorder, attention_key(level), detach=detach))
         counts[level] = len(layers)
     return counts

@@ -597,13 +597,9 @@ class ConversionReport:
 
 
 def _model_class(task: str) -> type:
-    from .modeling_vpd import VPDModelForDepthEstimation, VPDModelForReferringSegmentation, VPDModelForSegmentation
+    from .modeling_vpd import TASK_MODEL_CLASSES
 
-    return {
-        "depth": VPDModelForDepthEstimation,
-        "segmentation": VPDModelForSegmentation,
-        "referring": VPDModelForReferringSegmentation,
-    }[task]
+    return TASK_MODEL_CLASSES[task]
 
 
 def _target_tensors(task: str, config: VPDConfig) -> dict[str, torch.Tensor]:

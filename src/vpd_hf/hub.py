@@ -17,7 +17,9 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-TASKS = ("depth", "segmentation", "referring")
+from .modeling_vpd import TASK_MODEL_CLASSES
+
+TASKS = tuple(TASK_MODEL_CLASSES)
 PIPELINE_TAGS = {"depth": "depth-estimation", "segmentation": "image-segmentation", "referring": "image-segmentation"}
 TASK_NAMES = {
     "depth": "Monocular depth estimation",
@@ -26,11 +28,7 @@ TASK_NAMES = {
 }
 TASK_TAGS = {"depth": ["depth-estimation"], "segmentation": ["semantic-segmentation"],
              "referring": ["referring-image-segmentation"]}  # fmt: skip
-MODEL_CLASSES = {
-    "depth": "VPDModelForDepthEstimation",
-    "segmentation": "VPDModelForSegmentation",
-    "referring": "VPDModelForReferringSegmentation",
-}
+MODEL_CLASSES = {task: model_class.__name__ for task, model_class in TASK_MODEL_CLASSES.items()}
 # (metric key in vpd_hf's metrics, name in the VPD paper's tables, scale to the paper's unit, lower is better)
 PAPER_METRICS: dict[str, list[tuple[str, str, float, bool]]] = {
     "depth": [("rmse", "RMSE", 1.0, True), ("abs_rel", "REL", 1.0, True), ("log10", "log10", 1.0, True),
@@ -201,7 +199,7 @@ def _protocol_text(task: str, protocol: Mapping[str, Any] | None) -> str:
     if task == "depth":
         windows, flip = protocol.get("depth_windows", 2), protocol.get("flip", True)
         return (f"{windows} shifted square windows{' + horizontal flip' if flip else ''}, 1e-3 < depth < 10 m"
-                f"{', Eigen crop on 480x640 frames' if protocol.get('eigen_crop', True) else ''}.")  # fmt: skip
+                f"{', Eigen crop on 480x640 frames' if protocol.get('eigen_crop') is not False else ''}.")  # fmt: skip
     if task == "segmentation":
         mode = protocol.get("segmentation_mode", "slide")
         scales = protocol.get("scales", [1.0])
@@ -326,7 +324,7 @@ def model_card_from_run(
     elif training is not None:
         train_config = training.get("config", {})
         kwargs.update(metrics=training.get("metrics"), dataset=train_config.get("dataset"),
-                      split=train_config.get("eval_split"), protocol=_protocol_of(train_config))  # fmt: skip
+                      split=train_config.get("eval_split"), protocol=training.get("protocol"))  # fmt: skip
     kwargs.update(max_depth=config.get("max_depth"), num_labels=len(config.get("id2label") or {}) or None,
                   token_length=config.get("token_length"))  # fmt: skip
     kwargs.update(overrides)
@@ -341,12 +339,6 @@ def _task_of(config: Mapping[str, Any]) -> str:
     if "VPDModelForSemanticSegmentation" in architectures:
         return "segmentation"
     raise ValueError(f"Cannot tell the task of a VPD model with architectures {architectures}.")
-
-
-def _protocol_of(train_config: Mapping[str, Any]) -> dict[str, Any]:
-    return {"depth_windows": train_config.get("eval_depth_windows", 2), "flip": train_config.get("eval_flip", True),
-            "segmentation_mode": train_config.get("eval_segmentation_mode", "slide"),
-            "scales": train_config.get("eval_scales", [1.0])}  # fmt: skip
 
 
 def save_model_card(card: Any, folder: str | Path) -> Path:

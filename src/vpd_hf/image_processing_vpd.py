@@ -59,6 +59,11 @@ def _target_size(height: int, width: int, size: SizeDict) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def _pixel_mask_of(outputs: Any) -> torch.Tensor | None:
+    """The `pixel_mask` a model returned with its output (a ModelOutput, a dict or any object), if any."""
+    return outputs.get("pixel_mask") if hasattr(outputs, "get") else getattr(outputs, "pixel_mask", None)
+
+
 class VPDImageProcessor(PilBackend):
     r"""
     Prepares images for VPD and turns its outputs back into per-image results.
@@ -396,7 +401,7 @@ class VPDImageProcessor(PilBackend):
         predicted_depth = outputs["predicted_depth"] if isinstance(outputs, dict) else outputs.predicted_depth
         if predicted_depth is None or predicted_depth.ndim != 3:
             raise ValueError("`outputs.predicted_depth` must be a (batch, height, width) tensor.")
-        pixel_mask = outputs.get("pixel_mask") if hasattr(outputs, "get") else getattr(outputs, "pixel_mask", None)
+        pixel_mask = _pixel_mask_of(outputs)
         sizes = self._check_target_sizes(target_sizes, predicted_depth.shape[0])
         results = []
         for index, (depth, size) in enumerate(zip(predicted_depth, sizes, strict=True)):
@@ -425,7 +430,7 @@ class VPDImageProcessor(PilBackend):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
         if logits is None or logits.ndim != 4:
             raise ValueError("`outputs.logits` must be a (batch, num_labels, height, width) tensor.")
-        pixel_mask = outputs.get("pixel_mask") if hasattr(outputs, "get") else getattr(outputs, "pixel_mask", None)
+        pixel_mask = _pixel_mask_of(outputs)
         sizes = self._check_target_sizes(target_sizes, logits.shape[0])
         results = []
         for index, size in enumerate(sizes):
@@ -452,7 +457,7 @@ class VPDImageProcessor(PilBackend):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
         if logits is None or logits.ndim != 4 or logits.shape[1] != 2:
             raise ValueError("`outputs.logits` must be a (num_texts, 2, height, width) tensor.")
-        pixel_mask = outputs.get("pixel_mask") if hasattr(outputs, "get") else getattr(outputs, "pixel_mask", None)
+        pixel_mask = _pixel_mask_of(outputs)
         sizes = self._check_target_sizes(target_sizes, logits.shape[0])
         results = []
         for index, size in enumerate(sizes):

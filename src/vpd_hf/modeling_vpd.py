@@ -1081,7 +1081,16 @@ class VPDModelForReferringSegmentation(VPDPreTrainedModel):
         )
 
 
+# The model class of each task name used across vpd_hf (training, conversion, prediction, cards).
+TASK_MODEL_CLASSES: dict[str, type[VPDPreTrainedModel]] = {
+    "depth": VPDModelForDepthEstimation,
+    "segmentation": VPDModelForSegmentation,
+    "referring": VPDModelForReferringSegmentation,
+}
+
+
 __all__ = [
+    "TASK_MODEL_CLASSES",
     "VPDBackboneOutput",
     "VPDDepthEstimatorOutput",
     "VPDModel",

@@ -24,10 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .modeling_vpd import TASK_MODEL_CLASSES
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-TASKS = ("depth", "segmentation", "referring")
+TASKS = tuple(TASK_MODEL_CLASSES)
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -61,11 +63,9 @@ class Predictor:
 
         if task not in TASKS:
             raise ValueError(f"`task` must be one of {list(TASKS)}, got {task!r}.")
-        classes = {"depth": vpd_hf.VPDModelForDepthEstimation, "segmentation": vpd_hf.VPDModelForSegmentation,
-                   "referring": vpd_hf.VPDModelForReferringSegmentation}  # fmt: skip
         self.task = task
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = classes[task].from_pretrained(str(model), dtype=dtype).to(self.device).eval()
+        self.model = TASK_MODEL_CLASSES[task].from_pretrained(str(model), dtype=dtype).to(self.device).eval()
         processor_class = vpd_hf.VPDProcessor if task == "referring" else vpd_hf.VPDImageProcessor
         self.processor = processor_class.from_pretrained(str(model))
         self.image_processor = self.processor.image_processor if task == "referring" else self.processor
@@ -144,12 +144,12 @@ def _done(manifest: Path) -> set[str]:
     return done
 
 
-def _run(predictor: Predictor, items: list[tuple[str, Any, list[str] | None]], output_dir: Path, manifest: Path,
-         batch_size: int, progress: bool, description: str) -> dict[str, int]:  # fmt: skip
-    """`items`: (id, image loader or PIL image, texts). Predicts those not yet in `manifest`, in batches."""
+def _run(predictor: Predictor, items: list[tuple[str, Any, list[str] | None]], done: set[str], output_dir: Path,
+         manifest: Path, batch_size: int, progress: bool, description: str) -> dict[str, int]:  # fmt: skip
+    """`items`: (id, image loader or PIL image, texts). Predicts those whose id is not in `done`, in batches, and
+    appends them to `manifest`."""
     from tqdm.auto import tqdm
 
-    done = _done(manifest)
     todo = [item for item in items if item[0] not in done]
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=description, disable=not progress)
     with manifest.open("a") as log:
@@ -193,7 +193,8 @@ def predict_files(
         (name, (lambda p=path: Image.open(p)), list(texts) if texts else None)
         for name, path in zip(names, paths, strict=True)
     ]
-    return _run(predictor, items, output, output / "predictions.jsonl", batch_size, progress, f"Predicting {task}")
+    manifest = output / "predictions.jsonl"
+    return _run(predictor, items, _done(manifest), output, manifest, batch_size, progress, f"Predicting {task}")
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
@@ -258,11 +259,8 @@ def predict_dataset(
     # One manifest for all processes would need locking; each rank writes its own, and all of them count as done.
     manifest = output / f"predictions-{state.process_index}-of-{state.num_processes}.jsonl"
     done = set().union(*(_done(m) for m in output.glob("predictions-*-of-*.jsonl")))
-    items_left = [item for item in items if item[0] not in done]
-    counts = _run(predictor, items_left, output, manifest, batch_size, progress and state.is_local_main_process,
-                  f"Predicting {task} [{state.process_index + 1}/{state.num_processes}]")  # fmt: skip
-    counts["total"], counts["skipped"] = len(items), len(items) - counts["predicted"]
-    return counts
+    return _run(predictor, items, done, output, manifest, batch_size, progress and state.is_local_main_process,
+                f"Predicting {task} [{state.process_index + 1}/{state.num_processes}]")  # fmt: skip
 
 
 __all__ = ["IMAGE_SUFFIXES", "Predictor", "collect_images", "predict_dataset", "predict_files"]

@@ -504,20 +504,9 @@ def refcoco_features() -> datasets.Features:
     """`image`, `answer`, `segmentation` (uncompressed COCO RLE), `bbox`, `image_id`, `ref_id`, `split`."""
     import datasets
 
-    return datasets.Features(
-        {
-            "image": datasets.Image(),
-            "answer": datasets.List(datasets.Value("string")),
-            "segmentation": {
-                "size": datasets.List(datasets.Value("int32")),
-                "counts": datasets.List(datasets.Value("int64")),
-            },
-            "bbox": datasets.List(datasets.Value("float32")),
-            "image_id": datasets.Value("int64"),
-            "ref_id": datasets.Value("int64"),
-            "split": datasets.Value("string"),
-        }
-    )
+    from .synthetic import refcoco_columns
+
+    return datasets.Features({**refcoco_columns(), "split": datasets.Value("string")})
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:

@@ -77,6 +77,7 @@ __all__ = [
     "generate_scene",
     "main",
     "make_synthetic_dataset",
+    "refcoco_columns",
     "referring_expressions",
     "referring_features",
     "render_layout",
@@ -1295,28 +1296,33 @@ def scene_features() -> datasets.Features:
     )
 
 
-def referring_features() -> datasets.Features:
-    """Columns of the `referring` configuration: `image`, `answer` (the expressions), `segmentation` (uncompressed
-    COCO RLE, see :func:`rle_encode`), `bbox` (COCO [x, y, w, h]), `image_id` (row of the image in the same split of
-    `scenes`), `ref_id`, `scene`, `instance_id` (its value in `instance_mask`) and `category` (its kind)."""
+def refcoco_columns() -> dict[str, Any]:
+    """The columns every referring dataset here shares (the RefCOCO layout): `image`, `answer` (the expressions),
+    `segmentation` (uncompressed COCO RLE, see :func:`rle_encode`), `bbox` (COCO [x, y, w, h]), `image_id`, `ref_id`."""
     import datasets
 
-    return datasets.Features(
-        {
-            "image": datasets.Image(),
-            "answer": datasets.List(datasets.Value("string")),
-            "segmentation": {
-                "size": datasets.List(datasets.Value("int32")),
-                "counts": datasets.List(datasets.Value("int64")),
-            },
-            "bbox": datasets.List(datasets.Value("float32")),
-            "image_id": datasets.Value("int64"),
-            "ref_id": datasets.Value("int64"),
-            "scene": datasets.Value("string"),
-            "instance_id": datasets.Value("int32"),
-            "category": datasets.Value("string"),
-        }
-    )
+    return {
+        "image": datasets.Image(),
+        "answer": datasets.List(datasets.Value("string")),
+        "segmentation": {
+            "size": datasets.List(datasets.Value("int32")),
+            "counts": datasets.List(datasets.Value("int64")),
+        },
+        "bbox": datasets.List(datasets.Value("float32")),
+        "image_id": datasets.Value("int64"),
+        "ref_id": datasets.Value("int64"),
+    }
+
+
+def referring_features() -> datasets.Features:
+    """Columns of the `referring` configuration: those of :func:`refcoco_columns` (`image_id` is the row of the image
+    in the same split of `scenes`), then `scene`, `instance_id` (its value in `instance_mask`) and `category` (its
+    kind)."""
+    import datasets
+
+    extra = {"scene": datasets.Value("string"), "instance_id": datasets.Value("int32"),
+             "category": datasets.Value("string")}  # fmt: skip
+    return datasets.Features({**refcoco_columns(), **extra})
 
 
 def _scene_row(sample: SyntheticScene) -> dict[str, Any]:

@@ -70,14 +70,10 @@ def tiny_model_overrides(task: str) -> dict[str, Any]:
 def build_model_and_processor(config: TrainConfig, id2label: dict[int, str] | None, accelerator: Any = None):
     """The task model and its processor: from a VPD checkpoint, a Stable Diffusion checkpoint, or `tiny-random`."""
     from ..image_processing_vpd import VPDImageProcessor
-    from ..modeling_vpd import VPDModelForDepthEstimation, VPDModelForReferringSegmentation, VPDModelForSegmentation
+    from ..modeling_vpd import TASK_MODEL_CLASSES
     from ..processing_vpd import VPDProcessor
 
-    model_class = {
-        "depth": VPDModelForDepthEstimation,
-        "segmentation": VPDModelForSegmentation,
-        "referring": VPDModelForReferringSegmentation,
-    }[config.task]
+    model_class = TASK_MODEL_CLASSES[config.task]
     source, overrides = config.model, dict(config.model_overrides)
     if source == TINY_SOURCE:
         from ..testing_utils import save_tiny_stable_diffusion

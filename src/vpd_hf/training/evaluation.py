@@ -39,6 +39,12 @@ class EvaluationOptions:
     ignore_index: int = 255
     threshold: float = 0.5
 
+    @classmethod
+    def from_config(cls, config: Any) -> EvaluationOptions:
+        """The test-time options given on the command line (`TrainConfig.eval_*`)."""
+        return cls(depth_windows=config.eval_depth_windows, flip=config.eval_flip,
+                   segmentation_mode=config.eval_segmentation_mode, scales=list(config.eval_scales))  # fmt: skip
+
 
 def _valid_size(pixel_mask: torch.Tensor | None, index: int, shape: tuple[int, int]) -> tuple[int, int]:
     if pixel_mask is None:
@@ -193,12 +199,7 @@ def evaluate_checkpoint(config: Any, output_file: str | None = None) -> dict[str
     batch_size = 1 if config.task == "segmentation" else config.per_device_eval_batch_size
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=config.num_workers)
     model, loader = accelerator.prepare(model, loader)
-    options = EvaluationOptions(
-        depth_windows=config.eval_depth_windows,
-        flip=config.eval_flip,
-        segmentation_mode=config.eval_segmentation_mode,
-        scales=list(config.eval_scales),
-    )
+    options = EvaluationOptions.from_config(config)
     metrics = evaluate(model, loader, config.task, options, accelerator)
     if output_file and accelerator.is_main_process:
         path = Path(output_file)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -206,12 +207,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     accelerator.register_for_checkpointing(scheduler)
     if not fsdp:  # FSDP writes its own (full-state) checkpoints through accelerate
         register_compact_checkpoints(accelerator, model)
-    options = EvaluationOptions(
-        depth_windows=config.eval_depth_windows,
-        flip=config.eval_flip,
-        segmentation_mode=config.eval_segmentation_mode,
-        scales=list(config.eval_scales),
-    )
+    options = EvaluationOptions.from_config(config)
 
     global_step, start_epoch, skip_batches = 0, 0, 0
     checkpoint = resolve_checkpoint(config)
@@ -325,7 +321,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         processor.save_pretrained(output_dir)
         summary = {"metrics": metrics, "global_step": global_step, "train_seconds": elapsed,
-                   "num_processes": accelerator.num_processes, "config": config.to_dict()}  # fmt: skip
+                   "num_processes": accelerator.num_processes, "protocol": dataclasses.asdict(options),
+                   "config": config.to_dict()}  # fmt: skip
         (output_dir / "all_results.json").write_text(json.dumps(summary, indent=2, default=str))
         save_model_card(model_card_from_run(output_dir, repo_id=config.hub_model_id), output_dir)
         logger.info("Final metrics: %s; model saved to %s", _summary(metrics), output_dir)
