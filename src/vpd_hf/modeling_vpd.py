@@ -20,6 +20,7 @@ from transformers.modeling_outputs import DepthEstimatorOutput, SemanticSegmente
 from transformers.utils import ModelOutput
 
 from .attention import ForwardRecorder, attention_key, install_cross_attention_capture
+from .batching import crop, merge, merge_tuples, size_groups
 from .configuration_vpd import ATTENTION_RESOLUTIONS, VPDConfig
 from .heads import VPDDepthHead, VPDFPNNeck, VPDReferringDecoder, VPDSemanticFPNHead, tag_init
 from .inference import test_time_logits
@@ -83,6 +84,16 @@ class VPDBackboneOutput(ModelOutput):
 
     feature_maps: tuple[torch.FloatTensor, ...] | None = None
     attention_maps: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _merge_backbone_outputs(
+    parts: Sequence[VPDBackboneOutput], rows: Sequence[torch.Tensor], batch_size: int
+) -> VPDBackboneOutput:
+    """The backbone outputs of size groups (see `vpd_hf.batching`) as one, each map zero-padded to the largest."""
+    return VPDBackboneOutput(
+        feature_maps=merge_tuples([p.feature_maps for p in parts], rows, batch_size),
+        attention_maps=merge_tuples([p.attention_maps for p in parts], rows, batch_size),
+    )
 
 
 @dataclass
@@ -613,8 +624,18 @@ class VPDModelForDepthEstimation(VPDPreTrainedModel):
         batch_size, _, height, width = pixel_values.shape
         _check_pixel_mask(pixel_mask, pixel_values)
         prompt_embeds = self.vpd.get_prompt_embeddings(scene_ids, batch_size)
-        backbone = self.vpd(pixel_values=pixel_values, prompt_embeds=prompt_embeds)
-        predicted_depth = self.head(backbone.feature_maps, (height, width))
+        groups = size_groups(pixel_mask, self.config.pad_multiple)
+        if groups is None:
+            backbone = self.vpd(pixel_values=pixel_values, prompt_embeds=prompt_embeds)
+            predicted_depth = self.head(backbone.feature_maps, (height, width))
+        else:  # images of different sizes: each at its own padded size (see `vpd_hf.batching`)
+            parts = []
+            for group in groups:
+                out = self.vpd(pixel_values=crop(pixel_values, group), prompt_embeds=prompt_embeds[group.indices])
+                parts.append((self.head(out.feature_maps, group.size), out))
+            rows = [group.indices for group in groups]
+            predicted_depth = merge([depth for depth, _ in parts], rows, batch_size, size=(height, width))
+            backbone = _merge_backbone_outputs([out for _, out in parts], rows, batch_size)
 
         loss = None
         if labels is not None:
@@ -712,12 +733,22 @@ class VPDModelForSegmentation(VPDPreTrainedModel):
         )
         self.post_init()
 
-    def _single_pass(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, VPDBackboneOutput]:
-        """Logits `(B, C, ceil(H / 8), ceil(W / 8))` of one pass, and the backbone output."""
+    def _single_pass(
+        self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, VPDBackboneOutput]:
+        """Logits `(B, C, ceil(H / 8), ceil(W / 8))` of one pass, and the backbone output; with `pixel_mask`, images of
+        different sizes run at their own padded sizes (see `vpd_hf.batching`)."""
         height, width = pixel_values.shape[-2:]
-        backbone = self.vpd(pixel_values=pixel_values)
-        logits = self.head(self.neck(backbone.feature_maps))
-        return logits[..., : math.ceil(height / 8), : math.ceil(width / 8)], backbone
+        size = (math.ceil(height / 8), math.ceil(width / 8))
+        groups = size_groups(pixel_mask, self.config.pad_multiple)
+        if groups is None:
+            backbone = self.vpd(pixel_values=pixel_values)
+            logits = self.head(self.neck(backbone.feature_maps))
+            return logits[..., : size[0], : size[1]], backbone
+        parts = [self._single_pass(crop(pixel_values, group)) for group in groups]
+        rows, batch_size = [group.indices for group in groups], pixel_values.shape[0]
+        logits = merge([logits for logits, _ in parts], rows, batch_size, size=size)
+        return logits, _merge_backbone_outputs([out for _, out in parts], rows, batch_size)
 
     @staticmethod
     def _to_input_resolution(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -821,7 +852,7 @@ class VPDModelForSegmentation(VPDPreTrainedModel):
             )
             return output if return_dict else output.to_tuple()
 
-        logits, backbone = self._single_pass(pixel_values)
+        logits, backbone = self._single_pass(pixel_values, pixel_mask)
         loss = None
         if labels is not None:
             ignore_index = self.config.semantic_loss_ignore_index
@@ -965,6 +996,15 @@ class VPDModelForReferringSegmentation(VPDPreTrainedModel):
             raise ValueError(f"`image_indices` must lie in [0, {num_images - 1}], got {indices.tolist()}.")
         return indices.long()
 
+    def _decode(
+        self, latents: torch.Tensor, text_states: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, VPDBackboneOutput]:
+        """Logits `(N, 2, ceil(H / 8), ceil(W / 8))` of the UNet pass of one latent per expression, for images of
+        `size` (H, W), and the backbone output."""
+        backbone = self.vpd(latents=latents, prompt_embeds=text_states)
+        logits = self.decoder(backbone.feature_maps)[..., : math.ceil(size[0] / 8), : math.ceil(size[1] / 8)]
+        return logits, backbone
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -999,20 +1039,38 @@ class VPDModelForReferringSegmentation(VPDPreTrainedModel):
             raise ValueError("Pass exactly one of `pixel_values` and `latents`.")
         if input_ids is None:
             raise ValueError("`input_ids` (the tokenized referring expressions) are required.")
+        groups = None
         if pixel_values is not None:
             self.vpd._check_pixel_values(pixel_values)
             _check_pixel_mask(pixel_mask, pixel_values)
             height, width = pixel_values.shape[-2:]
-            latents = self.vpd.encode_images(pixel_values)
+            groups = size_groups(pixel_mask, self.config.pad_multiple)
+            num_images, device = pixel_values.shape[0], pixel_values.device
         else:
             height, width = (
                 latents.shape[-2] * self.config.vae_downsample_factor,
                 latents.shape[-1] * self.config.vae_downsample_factor,
             )
+            num_images, device = latents.shape[0], latents.device
         text_states = self.encode_text(input_ids)
-        indices = self._resolve_image_indices(image_indices, input_ids.shape[0], latents.shape[0], latents.device)
-        backbone = self.vpd(latents=latents[indices], prompt_embeds=text_states)
-        logits = self.decoder(backbone.feature_maps)[..., : math.ceil(height / 8), : math.ceil(width / 8)]
+        indices = self._resolve_image_indices(image_indices, input_ids.shape[0], num_images, device)
+        if groups is None:
+            if latents is None:
+                latents = self.vpd.encode_images(pixel_values)
+            logits, backbone = self._decode(latents[indices], text_states, (height, width))
+        else:  # images of different sizes: each at its own padded size (see `vpd_hf.batching`)
+            parts, rows = [], []
+            for group in groups:
+                texts = torch.isin(indices, group.indices).nonzero().squeeze(1)
+                if texts.numel() == 0:
+                    continue  # an image no expression refers to is not encoded at all
+                group_latents = self.vpd.encode_images(crop(pixel_values, group))
+                local = (indices[texts, None] == group.indices[None]).int().argmax(dim=1)
+                parts.append(self._decode(group_latents[local], text_states[texts], group.size))
+                rows.append(texts)
+            size = (math.ceil(height / 8), math.ceil(width / 8))
+            logits = merge([part_logits for part_logits, _ in parts], rows, input_ids.shape[0], size=size)
+            backbone = _merge_backbone_outputs([out for _, out in parts], rows, input_ids.shape[0])
         text_pixel_mask = None if pixel_mask is None else pixel_mask[indices]
 
         loss = None
