@@ -33,6 +33,7 @@ from .prompts import (
     NYU_SCENE_NAMES,
     encode_prompts,
 )
+from .weights_loading import HUB_KWARGS, casts_on_load, pread_state_dict, safetensors_files
 
 # UNet modules whose outputs VPD reads (ldm output blocks 1, 4, 7; see the method notes, section 2.2). The 1/8 map is
 # the UNet's own output once its final norm and conv are removed.
@@ -282,9 +283,28 @@ class VPDPreTrainedModel(PreTrainedModel):
             raise ValueError(f"Unknown VPD init kind {kind!r} on {type(module).__name__}.")
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
-        result = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path: Any = None, *model_args: Any, **kwargs: Any) -> Any:
+        r"""
+        transformers' `from_pretrained`. A plain load with an explicit `dtype` reads the safetensors tensor by tensor
+        (see `vpd_hf.weights_loading`): the peak memory is the cast model plus one tensor, not plus the whole file.
+        """
+        files = None
+        if casts_on_load(pretrained_model_name_or_path, model_args, kwargs):
+            hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+            files = safetensors_files(pretrained_model_name_or_path, hub_kwargs)
+            if files is None:
+                kwargs.update(hub_kwargs)
+        if files is None:
+            result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        else:
+            config = kwargs.pop("config", None) or cls.config_class.from_pretrained(
+                pretrained_model_name_or_path, **hub_kwargs
+            )
+            with pread_state_dict(files) as state_dict:
+                result = super().from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
         model = result[0] if isinstance(result, tuple) else result
+        if files is not None:  # as transformers records it when it reads the files itself
+            model.name_or_path = model.config.name_or_path = str(pretrained_model_name_or_path)
         if isinstance(model, VPDPreTrainedModel):
             model.apply_frozen_parts()  # loading materialises fresh parameters, which would all require gradients
             model._own_integer_buffers()
