@@ -34,7 +34,7 @@ def saved(tmp_path_factory):
     for task, model in models.items():
         perturbed(model).save_pretrained(root / task)
     perturbed(vpd_hf.VPDModelForDepthEstimation(tiny_vpd_config())).save_pretrained(
-        root / "sharded", max_shard_size="200KB"
+        root / "sharded", max_shard_size="1MB"
     )
     return root
 
