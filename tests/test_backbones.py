@@ -473,3 +473,41 @@ def test_cards_record_the_backbone(family_dirs, tmp_path):
     assert (
         SDXL_TEXT_CONFIG["hidden_size"] + SDXL_TEXT_CONFIG_2["hidden_size"] == SDXL_UNET_CONFIG["cross_attention_dim"]
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# benchmark harness (tiny models only; real sizes are measured by hand, see README "Backbones")
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("vpd_benchmark_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("backbone", ["sd21", "sdxl"])
+def test_benchmark_builds_each_backbone(backbone, tmp_path, make_pixels):
+    bench = load_benchmark()
+    assert bench.parse_args(["--size", "sd15"]).size == "full"  # the old name of the real size
+    full = bench.backbone_configs(backbone, full=True)
+    assert full["unet_config"] == REAL_UNET_CONFIGS[backbone] and len(full["text_configs"]) == 1 + (backbone == "sdxl")
+    args = bench.parse_args(["--backbone", backbone, "--size", "tiny", "--cache-dir", str(tmp_path)])
+    bench.build_and_save(args, "referring")
+    model, _ = bench.load_model(args, "referring", torch.float32, "cpu")
+    assert model.config.backbone_family == {"sd21": "sd2", "sdxl": "sdxl"}[backbone]
+    runner = bench.TaskRunner(args, "referring", model, "cpu", torch.float32)
+    pixels = make_pixels(1, 3, 64, 64)
+    with torch.no_grad():
+        assert runner.forward(pixels).shape == (1, 2, 8, 8)
+        latents = model.vpd.encode_images(pixels)
+        conditioning = runner.unet_conditioning(latents)
+        unet = UNet2DConditionModel(**model.config.unet_config)  # the stock UNet of the "bare" path
+        unet.load_state_dict(model.vpd.unet.state_dict(), strict=False)
+        assert unet(latents, torch.ones(1, dtype=torch.long), **conditioning).sample.shape == latents.shape
+    assert ("added_cond_kwargs" in conditioning) == (backbone == "sdxl")
