@@ -446,6 +446,29 @@ def test_task_end_to_end(family_dirs, family, task, tmp_path, make_pixels):
         assert result["mask"].size == (120, 80) and 0.0 <= result["score"] <= 1.0
 
 
+@pytest.mark.parametrize("task", ["depth", "referring"])
+def test_sdxl_images_of_different_sizes_run_at_their_own_size(family_dirs, task, make_pixels):
+    """With a pixel_mask of two sizes, each SDXL image (pooled text and time ids per image) gives what it gives alone."""
+    model = build(task, family_dirs["sdxl"]).eval()
+    pixels = make_pixels(2, 3, 128, 128)
+    mask = torch.zeros(2, 128, 128, dtype=torch.long)
+    mask[0], mask[1, :64, :64] = 1, 1
+    kwargs = {"scene_ids": [0, 1]} if task == "depth" else {"input_ids": torch.randint(0, 300, (2, TOKENS))}
+    key = "predicted_depth" if task == "depth" else "logits"
+    with torch.no_grad():
+        both = getattr(model(pixel_values=pixels, pixel_mask=mask, **kwargs), key)
+        alone = [
+            getattr(
+                model(pixel_values=pixels[i : i + 1, :, :size, :size], **{k: v[i : i + 1] for k, v in kwargs.items()}),
+                key,
+            )
+            for i, size in ((0, 128), (1, 64))
+        ]
+    torch.testing.assert_close(both[:1], alone[0], rtol=1e-4, atol=1e-5)
+    cut = 64 if task == "depth" else 8
+    torch.testing.assert_close(both[1:, ..., :cut, :cut], alone[1], rtol=1e-4, atol=1e-5)
+
+
 def test_backbone_alone_round_trips_through_automodel(family_dirs, tmp_path):
     model = build("depth", family_dirs["sdxl"])
     model.vpd.save_pretrained(tmp_path)

@@ -46,7 +46,7 @@ from .modeling_vpd import (
     VPDReferringSegmentationOutput,
     VPDSemanticSegmenterOutput,
 )
-from .pipelines import ReferringImageSegmentationPipeline, register_referring_pipeline
+from .pipelines import ReferringImageSegmentationPipeline, register_pipelines
 from .processing_vpd import VPDProcessor
 from .prompts import ADE20K_CLASS_NAMES, CLIP_IMAGENET_TEMPLATES, NYU_SCENE_NAMES, encode_prompts
 from .visualization import (
@@ -91,7 +91,7 @@ class _RegisteredVPDModelFilter(_logging.Filter):
 
 
 _logging.getLogger("transformers.pipelines.base").addFilter(_RegisteredVPDModelFilter())
-register_referring_pipeline()
+register_pipelines()
 
 __all__ = [
     "ADE20K_CLASS_NAMES",

@@ -211,13 +211,35 @@ class VPDImageProcessor(PilBackend):
         return label_map
 
     def _prepare_images_structure(self, images: Any, expected_ndims: int = 3) -> list:
-        try:
-            return super()._prepare_images_structure(images, expected_ndims=expected_ndims)
-        except (TypeError, ValueError) as error:
-            raise type(error)(
-                "`images` must be one image or a list of images (PIL, or arrays/tensors of shape (H, W), (H, W, C) or "
-                f"(C, H, W)); {error}"
-            ) from error
+        """A flat list of images from one image, a list (or list of lists) of images, or a `(B, ...)` batch array.
+        Unlike transformers' default, `(H, W)` grayscale arrays are single images, as documented."""
+        flat: list[Any] = []
+        expected = "`images` must be one image or a list of images (PIL, or arrays/tensors of shape (H, W), (H, W, C) or (C, H, W))"
+
+        def add(item: Any, depth: int) -> None:
+            if isinstance(item, str):  # a local path or URL
+                try:
+                    flat.append(self.fetch_images(item))
+                except (ValueError, OSError) as error:
+                    raise ValueError(f"{expected}; {error}") from error
+            elif isinstance(item, Image.Image) or (
+                isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim in (2, 3)
+            ):
+                flat.append(item)
+            elif isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4:
+                flat.extend(item)
+            elif isinstance(item, (list, tuple)) and depth < 2:
+                for element in item:
+                    add(element, depth + 1)
+            elif isinstance(item, (np.ndarray, torch.Tensor)):
+                raise ValueError(f"{expected}; got an array of shape {tuple(item.shape)}.")
+            else:
+                raise TypeError(f"{expected}; got {type(item).__name__}.")
+
+        add(images, 0)
+        if not flat:
+            raise ValueError("`images` is empty: pass at least one image.")
+        return flat
 
     def process_image(
         self,
@@ -262,7 +284,15 @@ class VPDImageProcessor(PilBackend):
             plane = np.asarray(image, dtype=np.float32) / 65535.0
             return np.repeat(np.clip(plane, 0.0, 1.0)[None], 3, axis=0)
         if image.mode == "F":
-            return np.repeat(np.asarray(image, dtype=np.float32)[None], 3, axis=0)
+            # PIL's scale for float images is 0-255 (its own conversions and transformers' `load_image` read them so):
+            # kept as float, without the 8-bit rounding of a conversion, and out-of-range values are an error.
+            plane = np.asarray(image, dtype=np.float32)
+            if plane.size and not (np.isfinite(plane).all() and plane.min() >= 0.0 and plane.max() <= 255.0):
+                raise ValueError(
+                    '`images`: a float (mode "F") PIL image is read on PIL\'s 0-255 scale; got values in '
+                    f"[{plane.min():.4g}, {plane.max():.4g}]. Pass a float array in [0, 1] for other data."
+                )
+            return np.repeat(plane[None] / 255.0, 3, axis=0)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -290,7 +320,12 @@ class VPDImageProcessor(PilBackend):
             raise ValueError(f"`size_divisor` must be a positive integer, got {size_divisor!r}.")
         resample = PILImageResampling.BILINEAR if resample is None else resample
         processed = []
-        for image in images:
+        for index, image in enumerate(images):
+            if image.shape[1] == 0 or image.shape[2] == 0:
+                raise ValueError(
+                    f"`images[{index}]` is empty ({image.shape[1]}x{image.shape[2]} pixels, height x width): every "
+                    "image needs at least one pixel."
+                )
             if image.dtype == np.uint8:
                 image = image.astype(np.float32) * (rescale_factor if do_rescale else 1.0)
             elif not np.isfinite(image).all():

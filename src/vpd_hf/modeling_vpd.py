@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 
 from .attention import ForwardRecorder, attention_key, install_cross_attention_capture
 from .backbones import UNET_OUTPUT, backbone_layout, sdxl_time_ids
+from .batching import crop, merge, merge_tuples, size_groups
 from .configuration_vpd import ATTENTION_RESOLUTIONS, VPDConfig
 from .heads import VPDDepthHead, VPDFPNNeck, VPDReferringDecoder, VPDSemanticFPNHead, tag_init
 from .inference import test_time_logits
@@ -36,6 +37,7 @@ from .prompts import (
     repad_after_eos,
     sdxl_text_states,
 )
+from .weights_loading import HUB_KWARGS, casts_on_load, pread_state_dict, safetensors_files
 
 # The UNet modules VPD reads (for SD 1.5: ldm output blocks 1, 4, 7, see the method notes, section 2.2) and the
 # attention-map layers come from `vpd_hf.backbones.backbone_layout(config.unet_config)`.
@@ -86,6 +88,16 @@ class VPDBackboneOutput(ModelOutput):
 
     feature_maps: tuple[torch.FloatTensor, ...] | None = None
     attention_maps: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _merge_backbone_outputs(
+    parts: Sequence[VPDBackboneOutput], rows: Sequence[torch.Tensor], batch_size: int
+) -> VPDBackboneOutput:
+    """The backbone outputs of size groups (see `vpd_hf.batching`) as one, each map zero-padded to the largest."""
+    return VPDBackboneOutput(
+        feature_maps=merge_tuples([p.feature_maps for p in parts], rows, batch_size),
+        attention_maps=merge_tuples([p.attention_maps for p in parts], rows, batch_size),
+    )
 
 
 @dataclass
@@ -275,9 +287,28 @@ class VPDPreTrainedModel(PreTrainedModel):
             raise ValueError(f"Unknown VPD init kind {kind!r} on {type(module).__name__}.")
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
-        result = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path: Any = None, *model_args: Any, **kwargs: Any) -> Any:
+        r"""
+        transformers' `from_pretrained`. A plain load with an explicit `dtype` reads the safetensors tensor by tensor
+        (see `vpd_hf.weights_loading`): the peak memory is the cast model plus one tensor, not plus the whole file.
+        """
+        files = None
+        if casts_on_load(pretrained_model_name_or_path, model_args, kwargs):
+            hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+            files = safetensors_files(pretrained_model_name_or_path, hub_kwargs)
+            if files is None:
+                kwargs.update(hub_kwargs)
+        if files is None:
+            result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        else:
+            config = kwargs.pop("config", None) or cls.config_class.from_pretrained(
+                pretrained_model_name_or_path, **hub_kwargs
+            )
+            with pread_state_dict(files) as state_dict:
+                result = super().from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
         model = result[0] if isinstance(result, tuple) else result
+        if files is not None:  # as transformers records it when it reads the files itself
+            model.name_or_path = model.config.name_or_path = str(pretrained_model_name_or_path)
         if isinstance(model, VPDPreTrainedModel):
             model.apply_frozen_parts()  # loading materialises fresh parameters, which would all require gradients
             model._own_integer_buffers()
@@ -769,8 +800,22 @@ class VPDModelForDepthEstimation(VPDPreTrainedModel):
         _check_pixel_mask(pixel_mask, pixel_values)
         prompt_embeds = self.vpd.get_prompt_embeddings(scene_ids, batch_size)
         pooled = self.vpd.get_pooled_prompt_embeddings(scene_ids, batch_size)  # SDXL only, else None
-        backbone = self.vpd(pixel_values=pixel_values, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled)
-        predicted_depth = self.head(backbone.feature_maps, (height, width))
+        groups = size_groups(pixel_mask, self.config.pad_multiple)
+        if groups is None:
+            backbone = self.vpd(pixel_values=pixel_values, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled)
+            predicted_depth = self.head(backbone.feature_maps, (height, width))
+        else:  # images of different sizes: each at its own padded size (see `vpd_hf.batching`)
+            parts = []
+            for group in groups:
+                out = self.vpd(
+                    pixel_values=crop(pixel_values, group),
+                    prompt_embeds=prompt_embeds[group.indices],
+                    pooled_prompt_embeds=None if pooled is None else pooled[group.indices],
+                )
+                parts.append((self.head(out.feature_maps, group.size), out))
+            rows = [group.indices for group in groups]
+            predicted_depth = merge([depth for depth, _ in parts], rows, batch_size, size=(height, width))
+            backbone = _merge_backbone_outputs([out for _, out in parts], rows, batch_size)
 
         loss = None
         if labels is not None:
@@ -868,12 +913,22 @@ class VPDModelForSegmentation(VPDPreTrainedModel):
         )
         self.post_init()
 
-    def _single_pass(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, VPDBackboneOutput]:
-        """Logits `(B, C, ceil(H / 8), ceil(W / 8))` of one pass, and the backbone output."""
+    def _single_pass(
+        self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, VPDBackboneOutput]:
+        """Logits `(B, C, ceil(H / 8), ceil(W / 8))` of one pass, and the backbone output; with `pixel_mask`, images of
+        different sizes run at their own padded sizes (see `vpd_hf.batching`)."""
         height, width = pixel_values.shape[-2:]
-        backbone = self.vpd(pixel_values=pixel_values)
-        logits = self.head(self.neck(backbone.feature_maps))
-        return logits[..., : math.ceil(height / 8), : math.ceil(width / 8)], backbone
+        size = (math.ceil(height / 8), math.ceil(width / 8))
+        groups = size_groups(pixel_mask, self.config.pad_multiple)
+        if groups is None:
+            backbone = self.vpd(pixel_values=pixel_values)
+            logits = self.head(self.neck(backbone.feature_maps))
+            return logits[..., : size[0], : size[1]], backbone
+        parts = [self._single_pass(crop(pixel_values, group)) for group in groups]
+        rows, batch_size = [group.indices for group in groups], pixel_values.shape[0]
+        logits = merge([logits for logits, _ in parts], rows, batch_size, size=size)
+        return logits, _merge_backbone_outputs([out for _, out in parts], rows, batch_size)
 
     @staticmethod
     def _to_input_resolution(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -977,7 +1032,7 @@ class VPDModelForSegmentation(VPDPreTrainedModel):
             )
             return output if return_dict else output.to_tuple()
 
-        logits, backbone = self._single_pass(pixel_values)
+        logits, backbone = self._single_pass(pixel_values, pixel_mask)
         loss = None
         if labels is not None:
             ignore_index = self.config.semantic_loss_ignore_index
@@ -1136,6 +1191,19 @@ class VPDModelForReferringSegmentation(VPDPreTrainedModel):
             raise ValueError(f"`image_indices` must lie in [0, {num_images - 1}], got {indices.tolist()}.")
         return indices.long()
 
+    def _decode(
+        self,
+        latents: torch.Tensor,
+        text_states: torch.Tensor,
+        size: tuple[int, int],
+        pooled: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, VPDBackboneOutput]:
+        """Logits `(N, 2, ceil(H / 8), ceil(W / 8))` of the UNet pass of one latent per expression, for images of
+        `size` (H, W), and the backbone output; `pooled` `(N, P)`: SDXL's pooled text of each expression."""
+        backbone = self.vpd(latents=latents, prompt_embeds=text_states, pooled_prompt_embeds=pooled)
+        logits = self.decoder(backbone.feature_maps)[..., : math.ceil(size[0] / 8), : math.ceil(size[1] / 8)]
+        return logits, backbone
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -1170,20 +1238,39 @@ class VPDModelForReferringSegmentation(VPDPreTrainedModel):
             raise ValueError("Pass exactly one of `pixel_values` and `latents`.")
         if input_ids is None:
             raise ValueError("`input_ids` (the tokenized referring expressions) are required.")
+        groups = None
         if pixel_values is not None:
             self.vpd._check_pixel_values(pixel_values)
             _check_pixel_mask(pixel_mask, pixel_values)
             height, width = pixel_values.shape[-2:]
-            latents = self.vpd.encode_images(pixel_values)
+            groups = size_groups(pixel_mask, self.config.pad_multiple)
+            num_images, device = pixel_values.shape[0], pixel_values.device
         else:
             height, width = (
                 latents.shape[-2] * self.config.vae_downsample_factor,
                 latents.shape[-1] * self.config.vae_downsample_factor,
             )
-        text_states, pooled = self.encode_text_and_pooled(input_ids)  # pooled: SDXL only
-        indices = self._resolve_image_indices(image_indices, input_ids.shape[0], latents.shape[0], latents.device)
-        backbone = self.vpd(latents=latents[indices], prompt_embeds=text_states, pooled_prompt_embeds=pooled)
-        logits = self.decoder(backbone.feature_maps)[..., : math.ceil(height / 8), : math.ceil(width / 8)]
+            num_images, device = latents.shape[0], latents.device
+        text_states, pooled = self.encode_text_and_pooled(input_ids)  # pooled: SDXL only, else None
+        indices = self._resolve_image_indices(image_indices, input_ids.shape[0], num_images, device)
+        if groups is None:
+            if latents is None:
+                latents = self.vpd.encode_images(pixel_values)
+            logits, backbone = self._decode(latents[indices], text_states, (height, width), pooled)
+        else:  # images of different sizes: each at its own padded size (see `vpd_hf.batching`)
+            parts, rows = [], []
+            for group in groups:
+                texts = torch.isin(indices, group.indices).nonzero().squeeze(1)
+                if texts.numel() == 0:
+                    continue  # an image no expression refers to is not encoded at all
+                group_latents = self.vpd.encode_images(crop(pixel_values, group))
+                local = (indices[texts, None] == group.indices[None]).int().argmax(dim=1)
+                group_pooled = None if pooled is None else pooled[texts]
+                parts.append(self._decode(group_latents[local], text_states[texts], group.size, group_pooled))
+                rows.append(texts)
+            size = (math.ceil(height / 8), math.ceil(width / 8))
+            logits = merge([part_logits for part_logits, _ in parts], rows, input_ids.shape[0], size=size)
+            backbone = _merge_backbone_outputs([out for _, out in parts], rows, input_ids.shape[0])
         text_pixel_mask = None if pixel_mask is None else pixel_mask[indices]
 
         loss = None

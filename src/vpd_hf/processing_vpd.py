@@ -50,10 +50,22 @@ class VPDProcessor(ProcessorMixin):
             and all(isinstance(t, Sequence) and not isinstance(t, str) for t in text)
         ):
             groups = [list(group) for group in text]
-        else:
+        elif isinstance(text, Sequence) and text:
             raise ValueError(
-                "`text` must be an expression, a list of expressions, or one list of expressions per image; "
-                f"got {text!r}."
+                "`text` must be an expression, a list of expressions, or one list of expressions per image, not a "
+                f"mix of strings and lists; got {text!r}."
+            )
+        elif isinstance(text, Sequence):
+            raise ValueError("`text` is empty: pass at least one expression.")
+        else:
+            raise TypeError(
+                "`text` must be an expression (str), a list of expressions, or one list of expressions per image; "
+                f"got {type(text).__name__}: {text!r}."
+            )
+        empty = [index for index, group in enumerate(groups) if not group]
+        if empty:
+            raise ValueError(
+                f"`text[{empty[0]}]` is an empty list of expressions: every image needs at least one expression."
             )
         if num_images is not None and len(groups) not in (1, num_images):
             raise ValueError(f"Got expressions for {len(groups)} images but {num_images} images.")
@@ -97,8 +109,9 @@ class VPDProcessor(ProcessorMixin):
             raise ValueError("Pass `images`, `text`, or both.")
         num_images = None
         if images is not None:
-            image_list = images if isinstance(images, (list, tuple)) else [images]
-            num_images = len(image_list)
+            # the image processor's own reading of `images` (one image, a list, a batch array): one count for both
+            images = self.image_processor._prepare_images_structure(images)
+            num_images = len(images)
         data: dict[str, Any] = {}
         texts, indices = ([], None) if text is None else self._texts_per_image(text, num_images)
         if masks is not None:
@@ -159,6 +172,31 @@ class VPDProcessor(ProcessorMixin):
     ) -> list[dict[str, torch.Tensor]]:
         """Masks at `target_sizes`; see `VPDImageProcessor.post_process_referring_segmentation`."""
         return self.image_processor.post_process_referring_segmentation(outputs, target_sizes, threshold=threshold)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
+        r"""
+        Loads a saved processor. `AutoProcessor` sends every VPD folder here (they share `model_type` "vpd"): a depth
+        or segmentation folder holds an image processor and no tokenizer, and then its `VPDImageProcessor` is
+        returned, as `AutoProcessor` returns the image processor of a DPT or SegFormer folder.
+        """
+        from transformers.utils import cached_file
+
+        hub_kwargs = {
+            k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs
+        }
+        tokenizer_config = cached_file(
+            pretrained_model_name_or_path,
+            "tokenizer_config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **hub_kwargs,
+        )
+        if tokenizer_config is None:
+            from .image_processing_vpd import VPDImageProcessor
+
+            return VPDImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_stable_diffusion(

@@ -1,8 +1,21 @@
-"""Pipelines that transformers does not ship: `referring-image-segmentation`.
-
-Depth and semantic segmentation use transformers' own `depth-estimation` and `image-segmentation` pipelines.
-"""
+"""VPD's pipelines: `referring-image-segmentation` (which transformers does not ship), and transformers'
+`depth-estimation` and `image-segmentation` pipelines extended to batch VPD images of different sizes."""
 
 from .referring_segmentation import ReferringImageSegmentationPipeline, register_referring_pipeline
+from .vision import VPDDepthEstimationPipeline, VPDImageSegmentationPipeline, register_vision_pipelines
 
-__all__ = ["ReferringImageSegmentationPipeline", "register_referring_pipeline"]
+
+def register_pipelines() -> None:
+    """Registers the three VPD pipelines with transformers' pipeline registry (done by `import vpd_hf`)."""
+    register_referring_pipeline()
+    register_vision_pipelines()
+
+
+__all__ = [
+    "ReferringImageSegmentationPipeline",
+    "VPDDepthEstimationPipeline",
+    "VPDImageSegmentationPipeline",
+    "register_pipelines",
+    "register_referring_pipeline",
+    "register_vision_pipelines",
+]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from transformers import Pipeline
-from transformers.image_utils import load_image
+
+from .vision import load_pipeline_image, pack_images, unpack_images
 
 
 class ReferringImageSegmentationPipeline(Pipeline):
@@ -60,32 +63,51 @@ class ReferringImageSegmentationPipeline(Pipeline):
             image = inputs
         if text is None:
             raise ValueError("`text` is required: the expression (or expressions) describing what to segment.")
+        if not isinstance(text, str) and not (
+            isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text)
+        ):
+            raise TypeError(f"`text` must be an expression (str) or a non-empty list of expressions, got {text!r}.")
         texts = [text] if isinstance(text, str) else list(text)
-        image = load_image(image, timeout=timeout)
+        image = load_pipeline_image(image, timeout)
         model_inputs = self.processor(images=image, text=texts, return_tensors="pt").to(self.dtype)
+        del model_inputs["image_indices"]  # rebuilt in `_forward` for the images of the batch
         model_inputs["target_size"] = (image.height, image.width)
         model_inputs["texts"] = texts
         model_inputs["single"] = isinstance(text, str)
-        return model_inputs
+        return pack_images(model_inputs)
 
-    def _forward(self, model_inputs: dict[str, Any]) -> Any:
+    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        # One image (batch_size 1) or a collated batch of images, each with its own list of expressions (the
+        # expressions' input_ids are concatenated by the collate).
+        batched = not isinstance(model_inputs["single"], bool)
         meta = {key: model_inputs.pop(key) for key in ("target_size", "texts", "single")}
+        if not batched:
+            meta = {key: [value] for key, value in meta.items()}
+        counts = torch.tensor([len(texts) for texts in meta["texts"]])
+        model_inputs = unpack_images(model_inputs)
+        model_inputs["image_indices"] = torch.arange(len(counts)).repeat_interleave(counts).to(self.device)
         outputs = self.model(**model_inputs)
-        for key, value in meta.items():
-            outputs[key] = value
-        return outputs
+        # One entry per image, so that the pipeline's un-batching hands each image its own expressions' outputs.
+        bounds = [0, *counts.cumsum(0).tolist()]
+        items = []
+        for index, (start, stop) in enumerate(itertools.pairwise(bounds)):
+            item = {"logits": outputs.logits[start:stop], "pixel_mask": outputs.pixel_mask[start:stop]}
+            items.append({**item, **{key: value[index] for key, value in meta.items()}})
+        return {"items": items}
 
     def postprocess(self, model_outputs: Any, threshold: float = 0.5) -> dict[str, Any] | list[dict[str, Any]]:
-        texts = model_outputs["texts"]
-        sizes = [model_outputs["target_size"]] * len(texts)
-        predictions = self.processor.post_process_referring_segmentation(model_outputs, sizes, threshold=threshold)
+        item = model_outputs["items"]
+        item = item[0] if isinstance(item, list) else item  # un-batched by the pipeline, or one image
+        texts = item["texts"]
+        sizes = [item["target_size"]] * len(texts)
+        predictions = self.processor.post_process_referring_segmentation(item, sizes, threshold=threshold)
         results = []
         for text, prediction in zip(texts, predictions, strict=True):
             mask, probabilities = prediction["mask"], prediction["probabilities"]
             score = probabilities[mask].mean() if bool(mask.any()) else probabilities.max()
             picture = Image.fromarray(mask.numpy().astype(np.uint8) * 255)
             results.append({"mask": picture, "score": float(score), "text": text})
-        return results[0] if model_outputs["single"] else results
+        return results[0] if item["single"] else results
 
 
 def register_referring_pipeline() -> None:

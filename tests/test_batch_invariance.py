@@ -1,0 +1,294 @@
+"""An image's prediction does not depend on the other images of its batch (sizes, batch size, entry point)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vpd_hf
+from vpd_hf import VPDImageProcessor
+from vpd_hf.batching import crop, merge, size_groups, valid_extent
+from vpd_hf.pipelines import VPDDepthEstimationPipeline, VPDImageSegmentationPipeline
+from vpd_hf.testing_utils import tiny_referring_config, tiny_segmentation_config, tiny_vpd_config
+
+# Sizes (width, height) that the tiny processor below turns into four different padded sizes, and two alike.
+SIZES = [(70, 50), (40, 90), (64, 64), (100, 30), (50, 70), (33, 47), (90, 40), (64, 60)]
+
+
+def fp32_close(batched: torch.Tensor, single: torch.Tensor) -> None:
+    """The issue's fp32 tolerance: max abs difference <= 1e-5 of the output's range."""
+    scale = max(float(single.max() - single.min()), 1e-6)
+    assert float((batched.float() - single.float()).abs().max()) <= 1e-5 * scale
+
+
+def perturb(model, seed=0):
+    """Every weight gets a visible random value, so that padding seen by any layer changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and "running_var" not in name:
+                tensor.copy_(
+                    torch.randn(tensor.shape, generator=generator) * (tensor.std() if tensor.numel() > 1 else 1)
+                )
+                if "prompt_embeddings" in name or name.endswith("gamma"):
+                    tensor.normal_(generator=generator)
+    return model.eval()
+
+
+def images(seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    # shortest edge 48 (longest at most 160): padded sizes 64x128, 128x64, 64x64, 64x192, ...
+    return VPDImageProcessor(size={"shortest_edge": 48, "longest_edge": 160})
+
+
+@pytest.fixture(scope="module")
+def depth_model():
+    torch.manual_seed(0)
+    return perturb(vpd_hf.VPDModelForDepthEstimation(tiny_vpd_config()))
+
+
+@pytest.fixture(scope="module")
+def seg_model():
+    torch.manual_seed(0)
+    config = tiny_segmentation_config(["wall", "floor", "sky"], semantic_inference_mode="whole")
+    return perturb(vpd_hf.VPDModelForSegmentation(config))
+
+
+@pytest.fixture(scope="module")
+def ref_model():
+    torch.manual_seed(0)
+    return perturb(vpd_hf.VPDModelForReferringSegmentation(tiny_referring_config(token_length=8)))
+
+
+def test_size_groups_by_own_padded_size():
+    mask = torch.zeros(4, 128, 192, dtype=torch.long)
+    for index, (h, w) in enumerate([(128, 150), (50, 60), (64, 64), (100, 192)]):
+        mask[index, :h, :w] = 1
+    assert valid_extent(mask).tolist() == [[128, 150], [50, 60], [64, 64], [100, 192]]
+    groups = size_groups(mask, 64)
+    assert [(g.indices.tolist(), g.size) for g in groups] == [([0, 3], (128, 192)), ([1, 2], (64, 64))]
+    assert size_groups(mask[[0, 3]], 64) is None  # nothing to split: both run at the batch's size
+    assert size_groups(None, 64) is None
+    mask[2] = 0
+    with pytest.raises(ValueError, match=r"pixel_mask\[2\]"):
+        size_groups(mask, 64)
+
+
+def test_merge_restores_batch_order_and_pads():
+    mask = torch.zeros(3, 128, 128, dtype=torch.long)
+    mask[0, :64, :64] = mask[1] = mask[2, :60, :10] = 1
+    groups = size_groups(mask, 64)
+    values = torch.arange(3.0)[:, None, None, None].expand(3, 1, 128, 128)
+    parts = [crop(values, g) for g in groups]
+    merged = merge(parts, [g.indices for g in groups], 3, size=(128, 128))
+    expected = values.clone()
+    expected[[0, 2], :, 64:] = 0
+    expected[[0, 2], :, :, 64:] = 0
+    assert torch.equal(merged, expected)
+
+
+def _single_and_batched(run, inputs, batch_size):
+    """`run(list_of_inputs) -> list of per-input outputs`, alone and in batches of `batch_size`."""
+    single = [run([item])[0] for item in inputs]
+    batched = [out for start in range(0, len(inputs), batch_size) for out in run(inputs[start : start + batch_size])]
+    return single, batched
+
+
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_depth_model_is_batch_invariant(depth_model, processor, batch_size):
+    def run(batch):
+        inputs = processor(images=batch, return_tensors="pt")
+        with torch.no_grad():
+            outputs = depth_model(**inputs)
+        sizes = [image.size[::-1] for image in batch]
+        return [r["predicted_depth"] for r in processor.post_process_depth_estimation(outputs, target_sizes=sizes)]
+
+    single, batched = _single_and_batched(run, images(), batch_size)
+    for a, b in zip(single, batched, strict=True):
+        fp32_close(b, a)
+
+
+def test_depth_padding_beyond_an_image_changed_it_before(depth_model, processor):
+    """The property the grouping restores: the same image padded more predicts something else."""
+    image = images()[0]
+    tight = processor(images=image, return_tensors="pt")
+    loose = processor(images=image, return_tensors="pt", size_divisor=256)
+    with torch.no_grad():
+        a = depth_model.vpd(pixel_values=tight.pixel_values).feature_maps[0]
+        b = depth_model.vpd(pixel_values=loose.pixel_values).feature_maps[0]
+    h, w = a.shape[-2:]
+    assert float((a - b[..., :h, :w]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_segmentation_model_is_batch_invariant(seg_model, processor, batch_size):
+    def run(batch):
+        inputs = processor(images=batch, return_tensors="pt")
+        with torch.no_grad():
+            outputs = seg_model(**inputs)
+        sizes = [image.size[::-1] for image in batch]
+        # the scores before arg-max: compare values, not labels that flip on ties
+        return [seg_model_scores(processor, outputs, index, size) for index, size in enumerate(sizes)]
+
+    single, batched = _single_and_batched(run, images(1), batch_size)
+    for a, b in zip(single, batched, strict=True):
+        fp32_close(b, a)
+
+
+def seg_model_scores(processor, outputs, index, size):
+    mask = outputs.pixel_mask[index]
+    return processor._scores_to_target(outputs.logits[index : index + 1], mask, size)[0]
+
+
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_referring_model_is_batch_invariant(ref_model, processor, batch_size):
+    generator = torch.Generator().manual_seed(0)
+    texts = torch.randint(0, 700, (len(SIZES), 2, 8), generator=generator)  # two expressions per image
+    pictures = images(2)
+
+    def run(batch):
+        index = [pictures.index(image) for image in batch]
+        inputs = processor(images=batch, return_tensors="pt")
+        input_ids = texts[index].flatten(0, 1)
+        image_indices = torch.arange(len(batch)).repeat_interleave(2)
+        with torch.no_grad():
+            outputs = ref_model(**inputs, input_ids=input_ids, image_indices=image_indices)
+        sizes = [batch[i].size[::-1] for i in image_indices.tolist()]
+        results = processor.post_process_referring_segmentation(outputs, target_sizes=sizes)
+        probabilities = [r["probabilities"] for r in results]
+        return [torch.stack(probabilities[2 * i : 2 * i + 2]) for i in range(len(batch))]
+
+    single, batched = _single_and_batched(run, pictures, batch_size)
+    for a, b in zip(single, batched, strict=True):
+        fp32_close(b, a)
+
+
+def test_training_on_mixed_sizes_backpropagates_through_the_groups(depth_model, processor):
+    """Gradients flow through the grouped path: cropping, padding and re-ordering the groups are differentiable."""
+    batch = images()[:3]
+    inputs = processor(images=batch, return_tensors="pt")
+    labels = torch.rand(inputs.pixel_mask.shape) * 5 + 0.5
+    torch.manual_seed(0)
+    model = vpd_hf.VPDModelForDepthEstimation(tiny_vpd_config()).train()  # fresh: a perturbed head saturates
+    loss = model(pixel_values=inputs.pixel_values, pixel_mask=inputs.pixel_mask, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for part in (model.head, model.vpd.unet):
+        grads = [p.grad for p in part.parameters() if p.requires_grad]
+        assert (
+            grads
+            and all(g is not None for g in grads[:4])
+            and float(sum(g.abs().sum() for g in grads if g is not None)) > 0
+        )
+
+
+# -- pipelines ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline_folders(tiny_sd_dir, tmp_path_factory, processor):
+    """Saved depth, segmentation and referring models from the tiny SD folder, with the small-size processor."""
+    from vpd_hf import VPDProcessor
+    from vpd_hf.testing_utils import TINY_DEPTH_HEAD, TINY_SEGMENTATION_HEAD
+
+    root = tmp_path_factory.mktemp("pipelines")
+    models = {
+        "depth": vpd_hf.VPDModelForDepthEstimation.from_stable_diffusion(
+            tiny_sd_dir, show_progress=False, **TINY_DEPTH_HEAD
+        ),
+        "segmentation": vpd_hf.VPDModelForSegmentation.from_stable_diffusion(
+            tiny_sd_dir, class_names=["wall", "floor", "sky"], show_progress=False, **TINY_SEGMENTATION_HEAD
+        ),
+        "referring": vpd_hf.VPDModelForReferringSegmentation.from_stable_diffusion(
+            tiny_sd_dir, token_length=8, show_progress=False
+        ),
+    }
+    folders = {}
+    for task, model in models.items():
+        folders[task] = root / task
+        perturb(model, seed=3)
+        model.config.semantic_inference_mode = "whole"  # one pass: the size grouping of the model is what is tested
+        model.save_pretrained(folders[task])
+        if task == "referring":
+            tokenizer = VPDProcessor.from_stable_diffusion(tiny_sd_dir, token_length=8).tokenizer
+            VPDProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folders[task])
+        else:
+            processor.save_pretrained(folders[task])
+    return folders
+
+
+def test_depth_pipeline_batches_mixed_sizes(pipeline_folders):
+    from transformers import pipeline
+
+    estimator = pipeline("depth-estimation", model=str(pipeline_folders["depth"]))
+    assert type(estimator) is VPDDepthEstimationPipeline
+    pictures = images(4)
+    single = [estimator(image)["predicted_depth"] for image in pictures]
+    for batch_size in (2, 8):
+        batched = estimator(pictures, batch_size=batch_size)
+        assert [r["predicted_depth"].shape for r in batched] == [(h, w) for w, h in SIZES]
+        for a, b in zip(single, batched, strict=True):
+            fp32_close(b["predicted_depth"], a)
+            assert b["depth"].size == a.shape[::-1]
+
+
+def test_segmentation_pipeline_batches_mixed_sizes(pipeline_folders):
+    from transformers import pipeline
+
+    segmenter = pipeline("image-segmentation", model=str(pipeline_folders["segmentation"]))
+    assert type(segmenter) is VPDImageSegmentationPipeline
+    pictures = images(5)
+
+    def label_map(result):
+        names = ["wall", "floor", "sky"]
+        return sum(names.index(r["label"]) * (np.asarray(r["mask"]) > 0) for r in result)
+
+    single = [label_map(segmenter(image)) for image in pictures]
+    for batch_size in (2, 8):
+        batched = segmenter(pictures, batch_size=batch_size)
+        for a, b in zip(single, batched, strict=True):
+            np.testing.assert_array_equal(label_map(b), a)
+
+
+def test_referring_pipeline_batches_images_with_several_expressions(pipeline_folders):
+    from transformers import pipeline
+
+    segmenter = pipeline("referring-image-segmentation", model=str(pipeline_folders["referring"]))
+    pictures = images(6)[:5]
+    requests = [
+        {"image": image, "text": ["the left box", "a red sphere"][: 1 + i % 2]} for i, image in enumerate(pictures)
+    ]
+    requests[0]["text"] = "the floor"  # a single expression gives a single result
+    single = [segmenter(request) for request in requests]
+    for batch_size in (2, 8):
+        batched = segmenter(requests, batch_size=batch_size)
+        for a, b in zip(single, batched, strict=True):
+            a, b = ([a], [b]) if isinstance(a, dict) else (a, b)
+            assert [r["text"] for r in b] == [r["text"] for r in a]
+            for x, y in zip(a, b, strict=True):
+                assert x["mask"].size == y["mask"].size
+                np.testing.assert_array_equal(np.asarray(y["mask"]), np.asarray(x["mask"]))
+                assert abs(x["score"] - y["score"]) <= 1e-5
+
+
+@pytest.mark.parametrize("text", [42, 3.5, [], ["ok", 7]])
+def test_referring_pipeline_rejects_non_text(pipeline_folders, text):
+    from transformers import pipeline
+
+    segmenter = pipeline("referring-image-segmentation", model=str(pipeline_folders["referring"]))
+    with pytest.raises(TypeError, match="`text`"):
+        segmenter(images()[0], text=text)
+
+
+def test_depth_pipeline_draws_a_constant_depth_map():
+    from vpd_hf.pipelines.vision import depth_picture
+
+    picture = depth_picture(torch.full((5, 7), 2.5))
+    assert picture.size == (7, 5) and not np.asarray(picture).any()
+    ramp = np.asarray(depth_picture(torch.linspace(1, 3, 7).expand(5, 7)))
+    assert ramp[0, 0] == 0 and ramp[0, -1] == 255
