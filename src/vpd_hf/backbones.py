@@ -107,7 +107,7 @@ SDXL_TEXT_CONFIG_2: dict[str, Any] = {
     "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280,
 }  # fmt: skip
 
-# The families, by their diffusers Hub ids (for documentation, the benchmark and model cards).
+# Display names of the families (README, model cards, error messages).
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 NUM_TAPS = 4  # feature maps at image strides 8, 16, 32, 64
 TIME_IDS_LENGTH = 6  # SDXL's (original h, w, crop top, left, target h, w)
