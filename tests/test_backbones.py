@@ -175,6 +175,14 @@ def test_real_size_vpd_models_on_meta(name, kept):
         ({"down_block_types": ["DownBlock2D"] * 4, "up_block_types": ["UpBlock2D"] * 4}, "Stable Diffusion style"),
         ({"layers_per_block": 3}, r"`unet_config\['layers_per_block'\]` must be 2"),
         ({"addition_embed_type": "image"}, r"`unet_config\['addition_embed_type'\]`"),
+        (
+            {
+                "addition_embed_type": "text_time",
+                "addition_time_embed_dim": 8,
+                "projection_class_embeddings_input_dim": 88,
+            },
+            "SDXL refiner",
+        ),
         ({"class_embed_type": "timestep"}, r"`unet_config\['class_embed_type'\]` must be None"),
         ({"mid_block_type": None}, r"`unet_config\['mid_block_type'\]`"),
         ({"transformer_layers_per_block": [1, 2]}, r"`unet_config\['transformer_layers_per_block'\]`"),

@@ -237,6 +237,12 @@ def backbone_layout(unet_config: dict[str, Any]) -> BackboneLayout:
             f"`unet_config['addition_embed_type']` must be None (SD 1.x/2.x) or 'text_time' (SDXL), got {addition!r}."
         )
     pooled_dim = None
+    if addition == "text_time" and levels != 3:
+        # the SDXL refiner (4 levels) conditions on an aesthetic score with 5 time ids, not SDXL base's 6
+        raise ValueError(
+            "`unet_config['addition_embed_type']` 'text_time' is supported on SDXL-base-shaped UNets (3 levels); got "
+            f"{levels} levels (the SDXL refiner's layout is not supported)."
+        )
     if addition == "text_time":
         time_dim = unet_config.get("addition_time_embed_dim")
         total = unet_config.get("projection_class_embeddings_input_dim")
