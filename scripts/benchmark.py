@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Speed and memory of VPD inference and training, against the official design and a Marigold-style loop.
 
-Models have random weights at the Stable Diffusion 1.5 size (`--size sd15`) or the tiny test size (`--size tiny`, for
-CI smoke runs). They are built once, saved with `save_pretrained` under `--cache-dir`, and every measurement runs in a
+Models have random weights, on the UNet of `--backbone` (`sd15`: Stable Diffusion 1.5, `sd21`: SD 2.1, `sdxl`: SDXL
+base; see `vpd_hf.backbones`) at the real size (`--size full`; `sd15` is an alias kept for old commands) or the tiny
+test size (`--size tiny`, for CI smoke runs). They are built once, saved with `save_pretrained` under `--cache-dir`,
+and every measurement runs in a
 fresh process that loads them with `from_pretrained(dtype=...)`, so each peak-memory figure belongs to one
 configuration. Per task and dtype (inference) the worker measures, on the same inputs and weights:
 
@@ -27,6 +29,8 @@ peak memory (RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA).
 Prints Markdown tables and writes JSON (`--json`). Examples:
 
     python scripts/benchmark.py --tasks depth --dtypes fp32 bf16 --json outputs/bench-cpu.json          # CPU
+    python scripts/benchmark.py --backbone sdxl --tasks depth --dtypes bf16 --resolutions 512 1024 \
+        --json outputs/bench-cpu-sdxl.json                                                                # SDXL
     python scripts/benchmark.py --device cuda --tasks depth segmentation referring --dtypes bf16 fp32 \\
         --batch-sizes 1 16 32 --repeats 10 --warmup 3 --train-modes full checkpointing lora reference \\
         --train-resolution 480 --json outputs/bench-h100.json                                            # GPU
@@ -49,6 +53,8 @@ from pathlib import Path
 from typing import Any
 
 TASKS = ("depth", "segmentation", "referring")
+BACKBONES = ("sd15", "sd21", "sdxl")
+SIZES = ("full", "tiny", "sd15")  # "sd15": the old name of "full"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TRAIN_MODES = ("full", "checkpointing", "lora", "reference")
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 2e-2}  # relative L2 error of the fast path vs the fp32 reference
@@ -58,7 +64,8 @@ TEXT = "the small dog on the left of the red chair"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=["depth"], help="tasks to measure")
-    parser.add_argument("--size", choices=["sd15", "tiny"], default="sd15", help="model size (random weights)")
+    parser.add_argument("--backbone", choices=BACKBONES, default="sd15", help="UNet family (random weights)")
+    parser.add_argument("--size", choices=SIZES, default="full", help="real-size or tiny test model ('sd15' = full)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA if available")
     parser.add_argument("--dtypes", nargs="*", choices=sorted(DTYPES), default=["fp32", "bf16"], help="inference")
     parser.add_argument("--resolutions", nargs="+", type=int, default=[512], help="square input sides")
@@ -78,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.size == "sd15":
+        args.size = "full"
     if any(r % 8 or r < 64 for r in [*args.resolutions, args.train_resolution]):
         parser.error("--resolutions and --train-resolution must be multiples of 8, at least 64")
     if min([*args.batch_sizes, args.train_batch_size, args.repeats]) < 1 or args.warmup < 0:
@@ -163,7 +172,7 @@ def relative_error(fast, reference) -> float:
 
 
 def model_path(args: argparse.Namespace, task: str) -> Path:
-    return args.cache_dir / f"{args.size}-{task}"
+    return args.cache_dir / f"{args.backbone}-{args.size}-{task}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -171,56 +180,75 @@ def model_path(args: argparse.Namespace, task: str) -> Path:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def backbone_configs(backbone: str, full: bool) -> dict[str, Any]:
+    """`VPDConfig` arguments of the backbone's UNet and VAE, and its text encoder config(s) for referring models."""
+    from vpd_hf import backbones, testing_utils
+    from vpd_hf.configuration_vpd import SD15_UNET_CONFIG, SD15_VAE_CONFIG
+
+    # SD 1.5's CLIP ViT-L/14 text encoder
+    clip_l = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+              "num_attention_heads": 12, "projection_dim": 768}  # fmt: skip
+    if full:
+        unet, vae = {"sd15": (SD15_UNET_CONFIG, SD15_VAE_CONFIG), "sd21": (backbones.SD21_UNET_CONFIG, SD15_VAE_CONFIG),
+                     "sdxl": (backbones.SDXL_UNET_CONFIG, backbones.SDXL_VAE_CONFIG)}[backbone]  # fmt: skip
+        text = {"sd15": [clip_l], "sd21": [backbones.SD21_TEXT_CONFIG],
+                "sdxl": [backbones.SDXL_TEXT_CONFIG, backbones.SDXL_TEXT_CONFIG_2]}[backbone]  # fmt: skip
+    else:
+        family = {"sd15": "sd15", "sd21": "sd2", "sdxl": "sdxl"}[backbone]
+        unet, vae = testing_utils.TINY_FAMILY_CONFIGS[family]
+        vocab = testing_utils.TINY_CLIP_VOCAB_SIZE
+        if backbone == "sdxl":
+            first, second = testing_utils.TINY_SDXL_TEXT_WIDTHS
+            text = [testing_utils.tiny_clip_text_config(vocab, first).to_dict(),
+                    testing_utils.tiny_clip_text_config(vocab, second, testing_utils.TINY_SDXL_POOLED_DIM).to_dict()]  # fmt: skip
+        else:
+            text = [testing_utils.tiny_clip_text_config(vocab, unet["cross_attention_dim"]).to_dict()]
+    return {"unet_config": dict(unet), "vae_config": dict(vae), "text_configs": [dict(t) for t in text]}
+
+
 def build_and_save(args: argparse.Namespace, task: str) -> None:
-    """A random-weight model of `task` at `args.size`, saved with its processor (runs in its own process)."""
+    """A random-weight model of `task` on `args.backbone` at `args.size`, saved with its processor (runs in its own
+    process)."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     import vpd_hf
     from vpd_hf.prompts import ADE20K_CLASS_NAMES
-    from vpd_hf.testing_utils import (
-        TINY_CLIP_VOCAB_SIZE,
-        save_tiny_clip_tokenizer,
-        tiny_clip_text_config,
-        tiny_referring_config,
-        tiny_segmentation_config,
-        tiny_vpd_config,
-    )
+    from vpd_hf.testing_utils import TINY_DEPTH_HEAD, TINY_SEGMENTATION_HEAD, save_tiny_clip_tokenizer
 
     torch.manual_seed(0)
-    sd15 = args.size == "sd15"
+    full = args.size == "full"
+    parts = backbone_configs(args.backbone, full)
+    text_configs = parts.pop("text_configs")
     if task == "depth":
-        config = vpd_hf.VPDConfig() if sd15 else tiny_vpd_config()
+        config = vpd_hf.VPDConfig(**parts, **({} if full else TINY_DEPTH_HEAD))
         model = vpd_hf.VPDModelForDepthEstimation(config)
     elif task == "segmentation":
         names = list(ADE20K_CLASS_NAMES)
-        extra = {"semantic_inference_mode": "slide"}
-        if sd15:
-            config = vpd_hf.VPDConfig(
-                num_prompts=150, prompt_names=names, id2label=dict(enumerate(names)),
-                label2id={n: i for i, n in enumerate(names)}, attention_resolutions=[32, 16], **extra,
-            )  # fmt: skip
-        else:
-            config = tiny_segmentation_config(names, **extra)
+        config = vpd_hf.VPDConfig(
+            **parts, num_prompts=150, prompt_names=names, id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)}, attention_resolutions=[32, 16],
+            semantic_inference_mode="slide", **({} if full else TINY_SEGMENTATION_HEAD),
+        )  # fmt: skip
         model = vpd_hf.VPDModelForSegmentation(config)
     else:
-        if sd15:  # SD-1.5's CLIP ViT-L/14 text encoder (vocabulary of 49408; the offline tokenizer uses a subset)
-            text_config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                         num_hidden_layers=12, num_attention_heads=12, projection_dim=768)  # fmt: skip
-            config = vpd_hf.VPDConfig(num_prompts=0, text_config=text_config.to_dict(), token_length=40,
-                                      attention_resolutions=[32, 16])  # fmt: skip
-        else:
-            config = tiny_referring_config(
-                token_length=40, text_config=tiny_clip_text_config(TINY_CLIP_VOCAB_SIZE).to_dict()
-            )
+        with tempfile.TemporaryDirectory() as folder:  # the offline tokenizer (a subset of CLIP's vocabulary)
+            tokenizer = CLIPTokenizer.from_pretrained(save_tiny_clip_tokenizer(folder), model_max_length=40)
+        extra: dict[str, Any] = {"text_config": text_configs[0]}
+        if len(text_configs) == 2:  # SDXL: the second encoder pads with "!" (tokenizer_2)
+            extra["text_config_2"] = {**text_configs[1], "pad_token_id": tokenizer.convert_tokens_to_ids("!"),
+                                      "eos_token_id": tokenizer.eos_token_id}  # fmt: skip
+        if not full:
+            extra["referring_decoder_channels"] = 32
+        config = vpd_hf.VPDConfig(**parts, num_prompts=0, token_length=40, attention_resolutions=[32, 16], **extra)
         model = vpd_hf.VPDModelForReferringSegmentation(config)
-    if model.vpd.prompt_embeddings is not None:
-        model.vpd.prompt_embeddings.normal_(generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    for table in (model.vpd.prompt_embeddings, model.vpd.pooled_prompt_embeddings):
+        if table is not None:
+            table.normal_(generator=generator)
     out = model_path(args, task)
     model.save_pretrained(out)
     if task == "referring":
-        with tempfile.TemporaryDirectory() as folder:
-            tokenizer = CLIPTokenizer.from_pretrained(save_tiny_clip_tokenizer(folder), model_max_length=40)
         vpd_hf.VPDProcessor(vpd_hf.VPDImageProcessor.for_task("referring"), tokenizer).save_pretrained(out)
     else:
         vpd_hf.VPDImageProcessor.for_task(task).save_pretrained(out)
@@ -288,15 +316,17 @@ class TaskRunner:
         checks["output"] = output.float()
         return checks
 
-    def context(self, batch: int):
-        """The UNet's conditioning for `batch` images, as the model builds it."""
-        vpd = self.model.vpd
+    def unet_conditioning(self, latents) -> dict[str, Any]:
+        """The UNet's conditioning keyword arguments for `latents`, as the model builds them (context, and SDXL's
+        `added_cond_kwargs`)."""
+        vpd, batch = self.model.vpd, latents.shape[0]
         if self.task == "depth":
-            return vpd._context(vpd.get_prompt_embeddings(None, batch), batch)
-        if self.task == "segmentation":
-            return vpd._context(None, batch)
-        embeds = self.model.encode_text(self.input_ids.expand(batch, -1))
-        return vpd._context(embeds, batch)
+            embeds, pooled = vpd.get_prompt_embeddings(None, batch), vpd.get_pooled_prompt_embeddings(None, batch)
+        elif self.task == "segmentation":
+            embeds, pooled = None, None
+        else:
+            embeds, pooled = self.model.encode_text_and_pooled(self.input_ids.expand(batch, -1))
+        return vpd.unet_conditioning(latents, embeds, pooled)
 
     def head_call(self, pixels):
         """A function running only the task head (depth head / FPN neck + head / LAVT decoder) on the inputs it gets
@@ -414,12 +444,12 @@ def inference_worker(args: argparse.Namespace, task: str, dtype_name: str) -> di
             vae.load_state_dict(model.vpd.vae.state_dict(), strict=False)
             del vae.decoder
             unet, vae = unet.to(device, dtype).eval(), vae.to(device, dtype).eval()
-            context = runner.context(1)
+            conditioning = runner.unet_conditioning(model.vpd.encode_images(pixels))
             timestep = torch.ones(1, dtype=torch.long, device=device)
 
             def bare():
                 latents = vae.encode(pixels).latent_dist.mode()
-                return unet(latents, timestep, encoder_hidden_states=context).sample
+                return unet(latents, timestep, **conditioning).sample
 
             result["bare"] = timed(bare, repeats, warmup, device)
             result["head"] = timed(runner.head_call(pixels), repeats, warmup, device)
@@ -430,7 +460,7 @@ def inference_worker(args: argparse.Namespace, task: str, dtype_name: str) -> di
 
             def unet_pass():
                 with model.vpd._recorder.record():
-                    return vpd_unet(latents, timestep, encoder_hidden_states=context)
+                    return vpd_unet(latents, timestep, **conditioning)
 
             result["unet_with_capture"] = timed(unet_pass, repeats, warmup, device)
             saved = vpd_unet.attn_processors
@@ -447,7 +477,7 @@ def inference_worker(args: argparse.Namespace, task: str, dtype_name: str) -> di
                 def marigold():
                     latents = vae.encode(pixels).latent_dist.mode()
                     for _ in range(args.marigold_steps):
-                        latents_out = unet(latents, timestep, encoder_hidden_states=context).sample
+                        latents_out = unet(latents, timestep, **conditioning).sample
                     return latents_out
 
                 result["marigold"] = timed(marigold, max(1, repeats // 2), min(warmup, 1), device)
@@ -602,7 +632,7 @@ def fmt(value: float | None, digits: int = 3) -> str:
 def print_report(report: dict, args: argparse.Namespace) -> None:
     env = report["environment"]
     machine = env.get("gpu") or f"{env['cpu']} ({env['cores']} cores)"
-    print(f"# VPD benchmark, {args.size} size, device {env['device']}: {machine}")
+    print(f"# VPD benchmark, {args.backbone} backbone, {args.size} size, device {env['device']}: {machine}")
     print(f"torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}, peft {env['peft']}")
     print(f"command: python scripts/{report['command']}\n")
     if report["inference"]:
@@ -665,7 +695,8 @@ def main() -> None:
     }
     for task in args.tasks:
         if not (model_path(args, task) / "benchmark_ready").is_file():
-            print(f"building the random {args.size} {task} model in {model_path(args, task)} ...", file=sys.stderr)
+            print(f"building the random {args.size} {args.backbone} {task} model in {model_path(args, task)} ...",
+                  file=sys.stderr)  # fmt: skip
             run_worker(args, f"build/{task}/-")
         for dtype in args.dtypes:
             print(f"inference: {task} {dtype} ...", file=sys.stderr)

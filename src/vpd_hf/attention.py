@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -190,8 +190,11 @@ def reference_attention(unet: torch.nn.Module, max_stored_queries: int = 32 * 32
 
 
 def cross_attention_layers(unet: torch.nn.Module, level: int) -> list[tuple[str, Attention]]:
-    """The `attn2` modules of the UNet's down and up blocks at `level` (0 = the 1/8 latent, 2 = 1/32 of the latent)."""
-    blocks = {f"down_blocks.{level}": unet.down_blocks[level], f"up_blocks.{3 - level}": unet.up_blocks[3 - level]}
+    """The `attn2` modules found by walking the UNet's down and up blocks at `level` (0 = the latent resolution), in
+    module order. VPD installs its capture on the names `vpd_hf.backbones.backbone_layout` derives from the config;
+    this walk of the built model is the independent check of those names."""
+    up_index = len(unet.up_blocks) - 1 - level
+    blocks = {f"down_blocks.{level}": unet.down_blocks[level], f"up_blocks.{up_index}": unet.up_blocks[up_index]}
     layers = []
     for prefix, block in blocks.items():
         for name, module in block.named_modules():
@@ -201,16 +204,19 @@ def cross_attention_layers(unet: torch.nn.Module, level: int) -> list[tuple[str,
 
 
 def install_cross_attention_capture(
-    unet: torch.nn.Module, levels: list[int], recorder: ForwardRecorder, detach: bool
+    unet: torch.nn.Module, layers: Mapping[int, Sequence[str]], recorder: ForwardRecorder, detach: bool
 ) -> dict[int, int]:
-    """Install :class:`CrossAttentionMapProcessor` on the `attn2` layers of `levels`; return layers per level."""
+    """Install :class:`CrossAttentionMapProcessor` on the `attn2` modules named in `layers` (level -> module names),
+    recording under the level's key; return the number of layers per level."""
     counts = {}
-    for level in levels:
-        layers = cross_attention_layers(unet, level)
-        for name, module in layers:
+    for level, names in layers.items():
+        for name in names:
+            module = unet.get_submodule(name)
+            if not isinstance(module, Attention):
+                raise ValueError(f"Cannot capture attention maps of `{name}`: it is a {type(module).__name__}.")
             _check_plain_attention(module, name, "capture attention maps of")
             module.set_processor(CrossAttentionMapProcessor(recorder, attention_key(level), detach=detach))
-        counts[level] = len(layers)
+        counts[level] = len(names)
     return counts
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from .backbones import NUM_TAPS, BackboneLayout, backbone_layout
+
 # The Stable Diffusion checkpoint VPD was built on (the official code's `v1-5-pruned-emaonly`), on the Hub.
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -77,9 +79,10 @@ class VPDConfig(PreTrainedConfig):
 
     Args:
         unet_config (`dict`, *optional*):
-            Constructor arguments of a diffusers `UNet2DConditionModel` with the Stable Diffusion block layout (three
-            cross-attention down blocks and a plain one, a plain up block and three cross-attention up blocks, two
-            layers per down block). Defaults to Stable Diffusion 1.5.
+            Constructor arguments of a diffusers `UNet2DConditionModel` with a Stable Diffusion block layout: SD 1.x/2.x
+            (three cross-attention down blocks and a plain one, mirrored up blocks, two layers per down block) or SDXL
+            (three levels, the first without cross-attention, several transformer layers per block, `text_time`
+            added conditioning). Defaults to Stable Diffusion 1.5. See `vpd_hf.backbones` for where VPD taps them.
         vae_config (`dict`, *optional*):
             Constructor arguments of a diffusers `AutoencoderKL`; only its encoder and `quant_conv` are built.
             Defaults to the Stable Diffusion 1.5 VAE.
@@ -102,8 +105,8 @@ class VPDConfig(PreTrainedConfig):
         attention_resolutions (`list[int]`, *optional*, defaults to `[]`):
             Cross-attention maps to concatenate to the UNet features, named by their size for a 512x512 input: any of
             64, 32, 16 (image strides 8, 16, 32). Each map is the softmax over the text tokens, averaged over heads and
-            over the two down and three up cross-attention layers of that level. Empty for depth (official), `[16, 32]`
-            for segmentation and referring segmentation.
+            over the down- and up-block cross-attention layers of that level (2 + 3 for SD 1.x/2.x; SDXL has none at 64,
+            10 at 32 and 50 at 16). Empty for depth (official), `[16, 32]` for segmentation and referring segmentation.
         detach_attention_maps (`bool`, *optional*, defaults to `True`):
             Stop gradients through the attention-map channels, as the official code does implicitly (its attention
             blocks run under a `no_grad` checkpoint). Set to `False` to let them train the UNet and the adapter.
@@ -148,6 +151,12 @@ class VPDConfig(PreTrainedConfig):
         text_config (`dict`, *optional*):
             Constructor arguments of the `CLIPTextModel` that encodes referring expressions (referring segmentation
             only; its hidden size must equal `prompt_embed_dim`).
+        text_config_2 (`dict`, *optional*):
+            SDXL referring segmentation only: constructor arguments of the second text encoder
+            (`CLIPTextModelWithProjection`, OpenCLIP bigG). The context is the concatenation of both encoders'
+            penultimate hidden states (`text_config` + `text_config_2` hidden sizes = `prompt_embed_dim`) and its
+            projected pooled output is SDXL's `text_embeds`. Its `pad_token_id` / `eos_token_id` are those of the
+            checkpoint's `tokenizer_2` (expressions are tokenised once; the second encoder sees `tokenizer_2`'s padding).
         token_length (`int`, *optional*, defaults to 40):
             Tokens per referring expression (padded/truncated to it): 40 for RefCOCO/RefCOCO+, 77 for RefCOCOg. Every
             token, padding included, is a context token and an attention-map channel, as in the official code.
@@ -194,6 +203,7 @@ class VPDConfig(PreTrainedConfig):
     semantic_inference_scales: list[float] | tuple[float, ...] = (1.0,)
     semantic_inference_flip: bool = False
     text_config: dict | None = None
+    text_config_2: dict | None = None
     token_length: int = 40
     train_text_encoder: bool = False
     referring_decoder_channels: int | None = None
@@ -221,22 +231,7 @@ class VPDConfig(PreTrainedConfig):
 
     def _validate_components(self) -> None:
         unet, vae = self.unet_config, self.vae_config
-        down = list(unet.get("down_block_types", ()))
-        up = list(unet.get("up_block_types", ()))
-        if down != ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"] or up != ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3:
-            raise ValueError(
-                "`unet_config` must describe a Stable Diffusion style UNet: down_block_types "
-                "['CrossAttnDownBlock2D'] * 3 + ['DownBlock2D'] and up_block_types ['UpBlock2D'] + "
-                f"['CrossAttnUpBlock2D'] * 3; got down={down}, up={up}."
-            )
-        layers = unet.get("layers_per_block", 2)
-        if (layers if isinstance(layers, int) else set(layers)) not in (2, {2}):
-            raise ValueError(
-                f"`unet_config['layers_per_block']` must be 2 (VPD taps the UNet mid-block), got {layers}."
-            )
-        channels = _as_int_list(unet.get("block_out_channels", ()), "unet_config['block_out_channels']")
-        if len(channels) != 4 or min(channels) <= 0:
-            raise ValueError(f"`unet_config['block_out_channels']` must be 4 positive integers, got {channels}.")
+        backbone_layout(unet)  # raises for UNet layouts VPD cannot tap
         vae_channels = _as_int_list(vae.get("block_out_channels", (64,)), "vae_config['block_out_channels']")
         if len(vae_channels) != 4:
             raise ValueError(
@@ -294,6 +289,13 @@ class VPDConfig(PreTrainedConfig):
             )
         if len(set(resolutions)) != len(resolutions):
             raise ValueError(f"`attention_resolutions` has duplicates: {resolutions}.")
+        layout = self.backbone
+        missing = [r for r in resolutions if ATTENTION_RESOLUTIONS.index(r) not in layout.attention_layers]
+        if missing:
+            raise ValueError(
+                f"`attention_resolutions` contains {missing}, but this {layout.family_name} UNet has no cross-attention "
+                f"at that level; allowed: {[ATTENTION_RESOLUTIONS[level] for level in sorted(layout.attention_layers)]}."
+            )
         self.attention_resolutions = sorted(resolutions, reverse=True)
         if not isinstance(self.detach_attention_maps, bool):
             raise TypeError(f"`detach_attention_maps` must be a bool, got {self.detach_attention_maps!r}.")
@@ -368,29 +370,48 @@ class VPDConfig(PreTrainedConfig):
             )
         self.semantic_inference_scales = [float(v) for v in scales]
 
+    @staticmethod
+    def _clean_text_config(text_config: Any, name: str) -> dict[str, Any]:
+        if not isinstance(text_config, dict):
+            raise TypeError(f"`{name}` must be a dict of CLIPTextConfig arguments, got {type(text_config).__name__}.")
+        dropped = ("_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype")
+        return {key: value for key, value in text_config.items() if key not in dropped}
+
     def _validate_referring(self) -> None:
         if not isinstance(self.token_length, int) or isinstance(self.token_length, bool) or self.token_length < 1:
             raise ValueError(f"`token_length` must be a positive integer, got {self.token_length!r}.")
+        sdxl = self.backbone.text_time
+        if self.text_config_2 is not None and not sdxl:
+            raise ValueError("`text_config_2` is for SDXL UNets (`addition_embed_type='text_time'`) only.")
         if self.text_config is not None:
-            if not isinstance(self.text_config, dict):
-                raise TypeError(
-                    f"`text_config` must be a dict of CLIPTextConfig arguments, got {type(self.text_config).__name__}."
-                )
-            self.text_config = {
-                key: value
-                for key, value in self.text_config.items()
-                if key not in ("_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype")
-            }
+            if sdxl and self.text_config_2 is None:
+                raise ValueError("An SDXL referring model needs `text_config_2` (the second text encoder's config).")
+            self.text_config = self._clean_text_config(self.text_config, "text_config")
             hidden = self.text_config.get("hidden_size", 512)
-            if hidden != self.prompt_embed_dim:
+            if sdxl:
+                self.text_config_2 = self._clean_text_config(self.text_config_2, "text_config_2")
+                hidden_2 = self.text_config_2.get("hidden_size", 512)
+                if hidden + hidden_2 != self.prompt_embed_dim:
+                    raise ValueError(
+                        f"`text_config['hidden_size']` + `text_config_2['hidden_size']` ({hidden} + {hidden_2}) must "
+                        f"equal `prompt_embed_dim` ({self.prompt_embed_dim}): SDXL concatenates the two encoders' states."
+                    )
+                projection = self.text_config_2.get("projection_dim", 512)
+                if projection != self.pooled_prompt_embed_dim:
+                    raise ValueError(
+                        f"`text_config_2['projection_dim']` ({projection}) must equal the UNet's pooled text width "
+                        f"({self.pooled_prompt_embed_dim})."
+                    )
+            elif hidden != self.prompt_embed_dim:
                 raise ValueError(
                     f"`text_config['hidden_size']` ({hidden}) must equal `prompt_embed_dim` ({self.prompt_embed_dim})."
                 )
-            positions = self.text_config.get("max_position_embeddings", 77)
-            if self.token_length > positions:
-                raise ValueError(
-                    f"`token_length` ({self.token_length}) exceeds the text encoder's {positions} positions."
-                )
+            for name in ("text_config", "text_config_2"):
+                positions = (getattr(self, name) or {}).get("max_position_embeddings", 77)
+                if self.token_length > positions:
+                    raise ValueError(
+                        f"`token_length` ({self.token_length}) exceeds the text encoder's {positions} positions."
+                    )
         if not isinstance(self.train_text_encoder, bool):
             raise TypeError(f"`train_text_encoder` must be a bool, got {self.train_text_encoder!r}.")
         channels = self.referring_decoder_channels
@@ -411,9 +432,25 @@ class VPDConfig(PreTrainedConfig):
     # -- derived quantities ---------------------------------------------------------------------------------------
 
     @property
+    def backbone(self) -> BackboneLayout:
+        """The UNet's VPD layout (family, taps, attention-map layers; see `vpd_hf.backbones.backbone_layout`)."""
+        return backbone_layout(self.unet_config)
+
+    @property
+    def backbone_family(self) -> str:
+        """`"sd1"`, `"sd2"` or `"sdxl"`, from the UNet config."""
+        return self.backbone.family
+
+    @property
     def unet_channels(self) -> list[int]:
-        """UNet feature channels at the four taps, high resolution first (320, 640, 1280, 1280 for SD 1.5)."""
-        return list(self.unet_config["block_out_channels"])
+        """UNet feature channels at the four taps, high resolution first (320, 640, 1280, 1280 for SD 1.5 and for
+        SDXL, whose last one is the pooled mid block)."""
+        return self.backbone.channels
+
+    @property
+    def pooled_prompt_embed_dim(self) -> int | None:
+        """Width of SDXL's pooled text embedding (`added_cond_kwargs["text_embeds"]`); None for SD 1.x/2.x."""
+        return self.backbone.pooled_dim
 
     @property
     def latent_channels(self) -> int:
@@ -425,8 +462,9 @@ class VPDConfig(PreTrainedConfig):
 
     @property
     def pad_multiple(self) -> int:
-        """Image sizes are padded to this multiple so that every UNet level has an integer size (64 for SD)."""
-        return self.vae_downsample_factor * 2 ** (len(self.unet_config["block_out_channels"]) - 1)
+        """Image sizes are padded to this multiple, the stride of the coarsest tap, so that every feature map has an
+        integer size (64 for SD; also for SDXL, whose stride-64 map is pooled from its stride-32 mid block)."""
+        return self.vae_downsample_factor * 2 ** (NUM_TAPS - 1)
 
 
 __all__ = ["SD15_HUB_ID", "SD15_UNET_CONFIG", "SD15_VAE_CONFIG", "VPDConfig"]

@@ -2,7 +2,8 @@
 
 A card is a `huggingface_hub.ModelCard` rendered from the task's template (`vpd_hf/model_cards/{task}.md`) with a
 `model-index` of the evaluation results (metric names as in the VPD paper's tables), `library_name`, `pipeline_tag`,
-`base_model` (the Stable Diffusion checkpoint the model was built from, `config.base_model`), the licence inherited
+`base_model` (the Stable Diffusion checkpoint the model was built from, `config.base_model`, and its UNet family,
+SD 1.x / 2.x / XL, from `config.unet_config`), the licence inherited
 from those weights, datasets and tags. :func:`model_card_from_run` builds one from an output folder of
 `scripts/train.py` / `scripts/evaluate.py`; :func:`push_to_hub` uploads a folder with its card.
 """
@@ -17,6 +18,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from .backbones import FAMILY_NAMES, backbone_layout
+from .configuration_vpd import SD15_UNET_CONFIG
 from .modeling_vpd import TASK_MODEL_CLASSES
 
 TASKS = tuple(TASK_MODEL_CLASSES)
@@ -39,6 +42,8 @@ PAPER_METRICS: dict[str, list[tuple[str, str, float, bool]]] = {
                   ("precision@0.5", "P@0.5", 100.0, False), ("precision@0.7", "P@0.7", 100.0, False),
                   ("precision@0.9", "P@0.9", 100.0, False)],
 }  # fmt: skip
+# Card tag of the UNet family (SD 1.x models carry the generic "stable-diffusion" tag only, as before).
+BACKBONE_TAGS = {"sd2": "stable-diffusion-2", "sdxl": "stable-diffusion-xl"}
 SYNTHETIC_DATASET = ("vpd-hf/synthetic-scenes", "vpd_hf synthetic indoor scenes")
 CITATION = """@inproceedings{zhao2023unleashing,
   title     = {Unleashing Text-to-Image Diffusion Models for Visual Perception},
@@ -63,11 +68,13 @@ def _check_task(task: str) -> None:
 
 def infer_license(base_model: str | None) -> str:
     """The licence a VPD model inherits from its Stable Diffusion weights: CreativeML OpenRAIL-M for SD 1.x,
-    OpenRAIL++ for SD 2.x, Apache-2.0 for vpd_hf's random test weights, `other` when unknown (the card then asks the
-    reader to check the base model's licence)."""
+    OpenRAIL++ for SD 2.x and SDXL (CreativeML Open RAIL++-M), Apache-2.0 for vpd_hf's random test weights, `other`
+    when unknown (the card then asks the reader to check the base model's licence)."""
     name = (base_model or "").lower()
     if name in ("tiny-random", "") or name.endswith("tiny-stable-diffusion"):
         return "apache-2.0" if name else "other"
+    if re.search(r"stable-diffusion-xl|sdxl|sd_xl", name):
+        return "openrail++"
     if re.search(r"stable-diffusion-2|sd-?2|v2-1|stable-diffusion-v2", name):
         return "openrail++"
     if re.search(r"stable-diffusion-v1|v1-[1-5]|sd-?v?1[-._]|compvis/stable-diffusion", name):
@@ -183,12 +190,13 @@ def _synthetic_note(task: str, synthetic: bool) -> str:
     )
 
 
-def _license_text(license: str, base_model: str) -> str:
+def _license_text(license: str, base_model: str, backbone: str | None = None) -> str:
     if license == "creativeml-openrail-m":
         return (f"`{license}`: the weights derive from Stable Diffusion 1.x (`{base_model}`) and inherit its CreativeML "
                 "OpenRAIL-M licence, including its use restrictions.")  # fmt: skip
     if license == "openrail++":
-        return f"`{license}`: the weights derive from Stable Diffusion 2.x (`{base_model}`) and inherit its licence."
+        family = FAMILY_NAMES["sdxl" if backbone == "sdxl" else "sd2"]
+        return f"`{license}`: the weights derive from {family} (`{base_model}`) and inherit its licence."
     if license == "other":
         return f"`other`: check the licence of the base model `{base_model}`, which these weights derive from."
     return f"`{license}`."
@@ -215,6 +223,7 @@ def create_model_card(
     *,
     repo_id: str | None = None,
     base_model: str | None = None,
+    backbone: str | None = None,
     metrics: Mapping[str, Any] | None = None,
     dataset: str | None = None,
     dataset_name: str | None = None,
@@ -234,6 +243,7 @@ def create_model_card(
     Args:
         repo_id: the Hub repository (used in the title and the usage snippets; default `"your-name/vpd-{task}"`).
         base_model: the Stable Diffusion checkpoint the model was built from (`config.base_model`).
+        backbone: its UNet family, `"sd1"`, `"sd2"` or `"sdxl"` (`config.backbone_family`; default: not stated).
         metrics: the evaluation metrics (as returned by `vpd_hf.metrics` / `scripts/evaluate.py`).
         dataset / dataset_name / dataset_config / split: what was evaluated (a Hub id or a folder; `"synthetic"`).
         protocol: the evaluation options (`EvaluationOptions` fields).
@@ -245,6 +255,8 @@ def create_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     _check_task(task)
+    if backbone is not None and backbone not in FAMILY_NAMES:
+        raise ValueError(f"`backbone` must be one of {list(FAMILY_NAMES)} or None, got {backbone!r}.")
     training_config = dict((training or {}).get("config", training or {}))
     if synthetic is None:
         sources = (dataset, training_config.get("dataset"), training_config.get("model"), base_model)
@@ -266,6 +278,7 @@ def create_model_card(
         base_model=base_model if _is_hub_id(base_model) else None,
         datasets=[dataset_id] if dataset_id != "unknown" else None,
         tags=["vpd", "vpd_hf", "diffusion-features", "stable-diffusion", *TASK_TAGS[task]]
+        + ([BACKBONE_TAGS[backbone]] if backbone in BACKBONE_TAGS else [])
         + (["synthetic-data"] if synthetic else []),
         eval_results=eval_results(task, metrics, dataset_id, dataset_name, split, dataset_config) or None,
     )
@@ -276,8 +289,9 @@ def create_model_card(
         repo_id=repo_id,
         model_class=MODEL_CLASSES[task],
         base_model=base_model or "an unrecorded Stable Diffusion checkpoint",
+        backbone_note=f" ({FAMILY_NAMES[backbone]} UNet)" if backbone else "",
         synthetic_note=_synthetic_note(task, synthetic),
-        license_text=_license_text(license, base_model or "unrecorded"),
+        license_text=_license_text(license, base_model or "unrecorded", backbone),
         dataset_name=dataset_name,
         split=split or "the evaluation split",
         results_table=results_table(task, metrics),
@@ -317,7 +331,11 @@ def model_card_from_run(
         eval_file = folder / "eval_results.json"
     training = _read_json(training_file)
     evaluation = _read_json(eval_file)
-    kwargs: dict[str, Any] = {"base_model": config.get("base_model"), "training": training}
+    kwargs: dict[str, Any] = {
+        "base_model": config.get("base_model"),
+        "backbone": _backbone_of(config),
+        "training": training,
+    }
     if evaluation is not None:
         kwargs.update(metrics=evaluation.get("metrics", evaluation), dataset=evaluation.get("dataset"),
                       split=evaluation.get("split"), protocol=evaluation.get("protocol"))  # fmt: skip
@@ -329,6 +347,14 @@ def model_card_from_run(
                   token_length=config.get("token_length"))  # fmt: skip
     kwargs.update(overrides)
     return create_model_card(task, repo_id=repo_id, **kwargs)
+
+
+def _backbone_of(config: Mapping[str, Any]) -> str | None:
+    """The UNet family of a saved config (`"sd1"` when it has no `unet_config`: VPDConfig's SD-1.5 default)."""
+    try:
+        return backbone_layout(dict(config.get("unet_config") or SD15_UNET_CONFIG)).family
+    except (TypeError, ValueError):
+        return None
 
 
 def _task_of(config: Mapping[str, Any]) -> str:

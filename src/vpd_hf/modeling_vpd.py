@@ -20,6 +20,7 @@ from transformers.modeling_outputs import DepthEstimatorOutput, SemanticSegmente
 from transformers.utils import ModelOutput
 
 from .attention import ForwardRecorder, attention_key, install_cross_attention_capture
+from .backbones import UNET_OUTPUT, backbone_layout, sdxl_time_ids
 from .batching import crop, merge, merge_tuples, size_groups
 from .configuration_vpd import ATTENTION_RESOLUTIONS, VPDConfig
 from .heads import VPDDepthHead, VPDFPNNeck, VPDReferringDecoder, VPDSemanticFPNHead, tag_init
@@ -32,12 +33,14 @@ from .prompts import (
     NYU_PROMPT_MAX_LENGTH,
     NYU_SCENE_NAMES,
     encode_prompts,
+    encode_sdxl_prompts,
+    repad_after_eos,
+    sdxl_text_states,
 )
 from .weights_loading import HUB_KWARGS, casts_on_load, pread_state_dict, safetensors_files
 
-# UNet modules whose outputs VPD reads (ldm output blocks 1, 4, 7; see the method notes, section 2.2). The 1/8 map is
-# the UNet's own output once its final norm and conv are removed.
-_FEATURE_TAPS = {1: "up_blocks.2.attentions.1", 2: "up_blocks.1.attentions.1", 3: "up_blocks.0.resnets.1"}
+# The UNet modules VPD reads (for SD 1.5: ldm output blocks 1, 4, 7, see the method notes, section 2.2) and the
+# attention-map layers come from `vpd_hf.backbones.backbone_layout(config.unet_config)`.
 
 
 def _feature_key(level: int) -> str:
@@ -246,8 +249,9 @@ class VPDPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise only the layers VPD owns (tagged by their constructors); diffusion weights are never touched."""
         if isinstance(module, VPDModel):
-            if module.prompt_embeddings is not None:
-                init.zeros_(module.prompt_embeddings)
+            for table in (module.prompt_embeddings, module.pooled_prompt_embeddings):
+                if table is not None:
+                    init.zeros_(table)
             return
         spec = getattr(module, "vpd_init", None)
         if spec is None:
@@ -324,9 +328,10 @@ class VPDPreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if isinstance(module, VPDModel):
                 module.vae.requires_grad_(False)
-        text_encoder = getattr(self, "text_encoder", None)
-        if text_encoder is not None:
-            text_encoder.requires_grad_(bool(self.config.train_text_encoder))
+        for name in ("text_encoder", "text_encoder_2"):
+            text_encoder = getattr(self, name, None)
+            if text_encoder is not None:
+                text_encoder.requires_grad_(bool(self.config.train_text_encoder))
         return self
 
     def convert_sync_batchnorm(self, process_group: Any = None) -> VPDPreTrainedModel:
@@ -341,29 +346,45 @@ class VPDPreTrainedModel(PreTrainedModel):
     def _build_from_stable_diffusion(
         cls,
         pretrained_model_name_or_path: str,
-        make_prompts: Callable[[nn.Module, Any], dict[str, Any]],
+        make_prompts: Callable[[StableDiffusionText], dict[str, Any]],
         config_kwargs: dict[str, Any],
         hub_kwargs: dict[str, Any],
         dtype: torch.dtype | None = None,
     ):
         """
-        Builds `cls` from a diffusers-layout Stable Diffusion checkpoint: the config from its `unet/` and `vae/` configs,
-        the UNet and VAE-encoder weights, and whatever `make_prompts(text_encoder, tokenizer)` derives from its
-        `text_encoder/` and `tokenizer/`: config entries, plus optionally a `prompt_embeddings` tensor for the prompt
-        table and a `text_encoder_state_dict` for a model that keeps the text encoder.
+        Builds `cls` from a diffusers-layout Stable Diffusion checkpoint (SD 1.x, SD 2.x or SDXL): the config from its
+        `unet/` and `vae/` configs, the UNet and VAE-encoder weights, and whatever `make_prompts(text)` derives from
+        its text encoder(s) and tokenizer(s) (:class:`StableDiffusionText`): config entries, plus optionally
+        `prompt_embeddings` / `pooled_prompt_embeddings` tensors for the prompt tables and text-encoder state dicts
+        for a model that keeps them.
         """
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         path = str(pretrained_model_name_or_path)
         unet_config = dict(UNet2DConditionModel.load_config(path, subfolder="unet", **hub_kwargs))
         vae_config = dict(AutoencoderKL.load_config(path, subfolder="vae", **hub_kwargs))
+        layout = backbone_layout({k: v for k, v in unet_config.items() if not k.startswith("_")})  # fail early
         hub_no_variant = {k: v for k, v in hub_kwargs.items() if k != "variant"}
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **hub_kwargs).eval()
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **hub_no_variant)
-        prompts = make_prompts(text_encoder, tokenizer)
-        embeddings = prompts.pop("prompt_embeddings", None)
-        text_encoder_state = prompts.pop("text_encoder_state_dict", None)
-        del text_encoder
+        text = StableDiffusionText(
+            CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **hub_kwargs).eval(),
+            CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **hub_no_variant),
+        )
+        if layout.text_time:  # SDXL: the second (OpenCLIP bigG) encoder gives half the context and the pooled text
+            text.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                path, subfolder="text_encoder_2", **hub_kwargs
+            ).eval()
+            text.tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **hub_no_variant)
+            if text.tokenizer_2.get_vocab() != text.tokenizer.get_vocab():
+                raise ValueError(
+                    f"{path}: `tokenizer_2` has another vocabulary than `tokenizer`; VPD tokenises text once for both "
+                    "SDXL encoders (they share the CLIP BPE vocabulary in SDXL)."
+                )
+        prompts = make_prompts(text)
+        tables = {name: prompts.pop(name, None) for name in ("prompt_embeddings", "pooled_prompt_embeddings")}
+        text_encoder_states = {
+            name: prompts.pop(f"{name}_state_dict", None) for name in ("text_encoder", "text_encoder_2")
+        }
+        del text
 
         config = VPDConfig(
             unet_config=unet_config, vae_config=vae_config, **{"base_model": path, **prompts, **config_kwargs}
@@ -379,13 +400,68 @@ class VPDPreTrainedModel(PreTrainedModel):
         vae_state = {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
         model.vpd.vae.load_state_dict(vae_state, strict=True)
         del vae, vae_state
-        if embeddings is not None:
-            model.vpd.prompt_embeddings.copy_(embeddings)
-        if text_encoder_state is not None:
-            model.text_encoder.load_state_dict(text_encoder_state, strict=True)
+        for name, table in tables.items():
+            if table is not None:
+                getattr(model.vpd, name).copy_(table)
+        for name, state in text_encoder_states.items():
+            if state is not None:
+                getattr(model, name).load_state_dict(state, strict=True)
         if dtype is not None:
             model = model.to(dtype)
         return model.eval()
+
+
+@dataclass
+class StableDiffusionText:
+    """The text side of a Stable Diffusion checkpoint, given to each task's prompt builder: one CLIP text encoder and
+    tokenizer (SD 1.x/2.x), or SDXL's two."""
+
+    text_encoder: nn.Module
+    tokenizer: Any
+    text_encoder_2: nn.Module | None = None
+    tokenizer_2: Any = None
+
+    def encode_prompts(
+        self,
+        names: Sequence[str],
+        templates: Sequence[str],
+        max_length: int | None = None,
+        show_progress: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """The prompt table `(len(names), prompt_embed_dim)` (`"prompt_embeddings"`) and, for SDXL, the pooled table
+        `(len(names), pooled_dim)` (`"pooled_prompt_embeddings"`); see `encode_prompts` / `encode_sdxl_prompts`."""
+        if self.text_encoder_2 is None:
+            embeddings = encode_prompts(
+                self.text_encoder, self.tokenizer, names, templates, max_length=max_length, show_progress=show_progress
+            )
+            return {"prompt_embeddings": embeddings}
+        embeddings, pooled = encode_sdxl_prompts(
+            self.text_encoder,
+            self.text_encoder_2,
+            self.tokenizer,
+            names,
+            templates,
+            max_length=max_length,
+            pad_token_id_2=self.tokenizer_2.pad_token_id,
+            show_progress=show_progress,
+        )
+        return {"prompt_embeddings": embeddings, "pooled_prompt_embeddings": pooled}
+
+    def text_encoder_entries(self) -> dict[str, Any]:
+        """Config entries and state dicts of the text encoder(s) a referring model keeps. SDXL's second encoder
+        records `tokenizer_2`'s pad and EOS ids in its config (used to re-pad the once-tokenised expressions)."""
+        entries = {
+            "text_encoder_state_dict": self.text_encoder.state_dict(),
+            "text_config": self.text_encoder.config.to_dict(),
+        }
+        if self.text_encoder_2 is not None:
+            entries["text_encoder_2_state_dict"] = self.text_encoder_2.state_dict()
+            entries["text_config_2"] = {
+                **self.text_encoder_2.config.to_dict(),
+                "pad_token_id": self.tokenizer_2.pad_token_id,
+                "eos_token_id": self.tokenizer_2.eos_token_id,
+            }
+        return entries
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -397,11 +473,14 @@ class VPDModel(VPDPreTrainedModel):
     r"""
     The VPD backbone: `pixel_values -> VAE encoder (frozen, posterior mode) -> optional latent scaling -> one UNet pass
     at `config.timestep` conditioned on `TextAdapter(prompt_embeds)` -> four decoder feature maps (+ cross-attention
-    maps where configured)`.
+    maps where configured)`. Which UNet modules give the maps, and which layers the attention maps, follow from the
+    UNet config (`vpd_hf.backbones.backbone_layout`; SD 1.x, SD 2.x and SDXL).
 
     Submodules: `unet` (diffusers `UNet2DConditionModel` without its unused output norm/conv), `vae`
     (:class:`VPDVAEEncoder`), `text_adapter` (:class:`VPDTextAdapter`), and the persistent buffer `prompt_embeddings`
-    `(num_prompts, prompt_embed_dim)` holding the class or scene embeddings (none when `num_prompts == 0`).
+    `(num_prompts, prompt_embed_dim)` holding the class or scene embeddings (none when `num_prompts == 0`). SDXL UNets
+    also get `pooled_prompt_embeddings` `(num_prompts, pooled_dim)`, each prompt's pooled text embedding (SDXL's
+    `added_cond_kwargs["text_embeds"]`); None otherwise.
     """
 
     def __init__(self, config: VPDConfig) -> None:
@@ -414,19 +493,23 @@ class VPDModel(VPDPreTrainedModel):
         self.unet.conv_norm_out = None
         self.unet.conv_out = nn.Identity()
         self.text_adapter = VPDTextAdapter(config.prompt_embed_dim, config.text_adapter_gamma_init)
+        self._backbone = config.backbone
         if config.num_prompts > 0:
             self.register_buffer("prompt_embeddings", torch.zeros(config.num_prompts, config.prompt_embed_dim))
         else:
             self.prompt_embeddings = None
+        if config.num_prompts > 0 and self._backbone.text_time:
+            pooled = torch.zeros(config.num_prompts, self._backbone.pooled_dim)
+            self.register_buffer("pooled_prompt_embeddings", pooled)
+        else:
+            self.pooled_prompt_embeddings = None
 
         self._recorder = ForwardRecorder()
-        modules = dict(self.unet.named_modules())
-        for level, name in _FEATURE_TAPS.items():
-            modules[name].register_forward_hook(self._recorder.hook(_feature_key(level)))
+        for level, tap in enumerate(self._backbone.taps):
+            if tap.module != UNET_OUTPUT:  # the stride-8 map is the UNet's output
+                self.unet.get_submodule(tap.module).register_forward_hook(self._recorder.hook(_feature_key(level)))
         self._attention_levels = [_resolution_level(r) for r in config.attention_resolutions]
-        self._attention_layer_counts = install_cross_attention_capture(
-            self.unet, self._attention_levels, self._recorder, detach=config.detach_attention_maps
-        )
+        self.install_attention_capture()
         self.post_init()
 
     # -- inputs --------------------------------------------------------------------------------------------------------
@@ -444,9 +527,28 @@ class VPDModel(VPDPreTrainedModel):
         table = self.prompt_embeddings
         if table is None:
             raise ValueError("This model has no prompt table (`num_prompts` is 0); pass `prompt_embeds` instead.")
+        return self._table_rows(table, prompt_ids, batch_size).unsqueeze(1)
+
+    def get_pooled_prompt_embeddings(
+        self, prompt_ids: torch.Tensor | Sequence[int] | None, batch_size: int
+    ) -> torch.Tensor | None:
+        r"""
+        SDXL: the pooled text embedding of each image's prompt, `(batch_size, pooled_dim)`, chosen as in
+        :meth:`get_prompt_embeddings` (row `prompt_ids[i]`, the table mean for None / -1). None for SD 1.x/2.x.
+        """
+        table = self.pooled_prompt_embeddings
+        if not self._backbone.text_time or table is None:
+            return None
+        return self._table_rows(table, prompt_ids, batch_size)
+
+    @staticmethod
+    def _table_rows(
+        table: torch.Tensor, prompt_ids: torch.Tensor | Sequence[int] | None, batch_size: int
+    ) -> torch.Tensor:
+        """`(batch_size, D)`: row `prompt_ids[i]` of `table`, its mean row where the id is -1 or `prompt_ids` is None."""
         mean = table.mean(dim=0, keepdim=True)
         if prompt_ids is None:
-            return mean.expand(batch_size, -1).unsqueeze(1)
+            return mean.expand(batch_size, -1)
         ids = torch.as_tensor(prompt_ids, device=table.device)
         if ids.dtype in (torch.bool,) or ids.is_floating_point() or ids.is_complex() or ids.shape != (batch_size,):
             raise ValueError(
@@ -458,8 +560,7 @@ class VPDModel(VPDPreTrainedModel):
                 f"`scene_ids` must lie in [-1, {table.shape[0] - 1}] (the {table.shape[0]} prompt rows, -1 = unknown); "
                 f"got {ids.tolist()}."
             )
-        rows = torch.where((ids >= 0)[:, None], table[ids.clamp_min(0)], mean)
-        return rows.unsqueeze(1)
+        return torch.where((ids >= 0)[:, None], table[ids.clamp_min(0)], mean)
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         if not isinstance(pixel_values, torch.Tensor):
@@ -506,6 +607,7 @@ class VPDModel(VPDPreTrainedModel):
         prompt_embeds: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
     ) -> VPDBackboneOutput | tuple:
         r"""
         Args:
@@ -516,6 +618,9 @@ class VPDModel(VPDPreTrainedModel):
                 the whole prompt table `(num_prompts, D)`.
             latents (`torch.FloatTensor` of shape `(B, C, h, w)`, *optional*):
                 Output of :meth:`encode_images`, to reuse one encoding for several prompts (instead of `pixel_values`).
+            pooled_prompt_embeds (`torch.FloatTensor` of shape `(B, P)` or `(P,)`, *optional*):
+                SDXL only: the pooled text embedding (`added_cond_kwargs["text_embeds"]`) of `prompt_embeds`; required
+                with `prompt_embeds`, defaults to the mean of `pooled_prompt_embeddings` with the whole prompt table.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (pixel_values is None) == (latents is None):
@@ -527,12 +632,12 @@ class VPDModel(VPDPreTrainedModel):
                 f"`latents` must have shape (batch, {self.config.latent_channels}, h, w), got {tuple(latents.shape)}."
             )
         batch_size = latents.shape[0]
-        context = self._context(prompt_embeds, batch_size)
         timesteps = torch.full((batch_size,), self.config.timestep, dtype=torch.long, device=latents.device)
+        conditioning = self.unet_conditioning(latents, prompt_embeds, pooled_prompt_embeds)
 
         with self._recorder.record() as record:
-            level0 = self.unet(latents, timesteps, encoder_hidden_states=context, return_dict=False)[0]
-        features = [level0] + [self._single(record, _feature_key(level)) for level in (1, 2, 3)]
+            level0 = self.unet(latents, timesteps, **conditioning, return_dict=False)[0]
+        features = [level0] + [self._tapped(record, level) for level in range(1, len(self._backbone.taps))]
         if level0.requires_grad and not all(f.requires_grad for f in features):
             raise RuntimeError(
                 "UNet features lost their gradient: reentrant activation checkpointing hides module outputs from "
@@ -545,6 +650,55 @@ class VPDModel(VPDPreTrainedModel):
             features[level] = torch.cat([features[level], maps.to(features[level].dtype)], dim=1)
         output = VPDBackboneOutput(feature_maps=tuple(features), attention_maps=tuple(attention_maps) or None)
         return output if return_dict else output.to_tuple()
+
+    def unet_conditioning(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        r"""
+        The UNet's conditioning keyword arguments for `latents` `(B, C, h, w)`: `encoder_hidden_states` (the adapted
+        context, `(B, T, D)`) and, for SDXL, `added_cond_kwargs` with `text_embeds` `(B, P)` and `time_ids` `(B, 6)` =
+        `(H, W, 0, 0, H, W)`, `(H, W)` the padded image size (`h, w` times the VAE factor). See :meth:`forward`.
+        """
+        batch_size = latents.shape[0]
+        conditioning: dict[str, Any] = {"encoder_hidden_states": self._context(prompt_embeds, batch_size)}
+        if not self._backbone.text_time:
+            if pooled_prompt_embeds is not None:
+                raise ValueError("`pooled_prompt_embeds` is for SDXL UNets (`addition_embed_type='text_time'`) only.")
+            return conditioning
+        if pooled_prompt_embeds is None:
+            if prompt_embeds is not None:
+                raise ValueError(
+                    "This SDXL backbone needs `pooled_prompt_embeds` (SDXL's pooled text embedding) with `prompt_embeds`."
+                )
+            if self.pooled_prompt_embeddings is None:
+                raise ValueError("`pooled_prompt_embeds` is required: this model has no pooled prompt table.")
+            pooled_prompt_embeds = self.pooled_prompt_embeddings.mean(dim=0)
+        dim = self._backbone.pooled_dim
+        if pooled_prompt_embeds.ndim not in (1, 2) or pooled_prompt_embeds.shape[-1] != dim:
+            raise ValueError(
+                f"`pooled_prompt_embeds` must have shape (batch, {dim}) or ({dim},), got {tuple(pooled_prompt_embeds.shape)}."
+            )
+        if pooled_prompt_embeds.ndim == 2 and pooled_prompt_embeds.shape[0] != batch_size:
+            raise ValueError(
+                f"`pooled_prompt_embeds` has batch size {pooled_prompt_embeds.shape[0]}, the images {batch_size}."
+            )
+        factor = self.config.vae_downsample_factor
+        height, width = latents.shape[-2] * factor, latents.shape[-1] * factor
+        conditioning["added_cond_kwargs"] = {
+            "text_embeds": pooled_prompt_embeds.expand(batch_size, -1).to(self.unet.dtype),
+            "time_ids": sdxl_time_ids(height, width, batch_size, device=latents.device),
+        }
+        return conditioning
+
+    def _tapped(self, record: dict[str, list[torch.Tensor]], level: int) -> torch.Tensor:
+        """The feature map of tap `level` (>= 1) from the record, average-pooled where the tap is derived (SDXL's
+        stride-64 map from its stride-32 mid block)."""
+        hidden = self._single(record, _feature_key(level))
+        pool = self._backbone.taps[level].pool
+        return F.avg_pool2d(hidden, pool) if pool > 1 else hidden
 
     def _context(self, prompt_embeds: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         if prompt_embeds is None:
@@ -585,8 +739,9 @@ class VPDModel(VPDPreTrainedModel):
 
     def install_attention_capture(self) -> None:
         """(Re)install the attention-map processors, e.g. after the UNet's attention processors were replaced."""
+        layers = {level: self._backbone.attention_layers[level] for level in self._attention_levels}
         self._attention_layer_counts = install_cross_attention_capture(
-            self.unet, self._attention_levels, self._recorder, detach=self.config.detach_attention_maps
+            self.unet, layers, self._recorder, detach=self.config.detach_attention_maps
         )
 
 
@@ -644,14 +799,19 @@ class VPDModelForDepthEstimation(VPDPreTrainedModel):
         batch_size, _, height, width = pixel_values.shape
         _check_pixel_mask(pixel_mask, pixel_values)
         prompt_embeds = self.vpd.get_prompt_embeddings(scene_ids, batch_size)
+        pooled = self.vpd.get_pooled_prompt_embeddings(scene_ids, batch_size)  # SDXL only, else None
         groups = size_groups(pixel_mask, self.config.pad_multiple)
         if groups is None:
-            backbone = self.vpd(pixel_values=pixel_values, prompt_embeds=prompt_embeds)
+            backbone = self.vpd(pixel_values=pixel_values, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled)
             predicted_depth = self.head(backbone.feature_maps, (height, width))
         else:  # images of different sizes: each at its own padded size (see `vpd_hf.batching`)
             parts = []
             for group in groups:
-                out = self.vpd(pixel_values=crop(pixel_values, group), prompt_embeds=prompt_embeds[group.indices])
+                out = self.vpd(
+                    pixel_values=crop(pixel_values, group),
+                    prompt_embeds=prompt_embeds[group.indices],
+                    pooled_prompt_embeds=None if pooled is None else pooled[group.indices],
+                )
                 parts.append((self.head(out.feature_maps, group.size), out))
             rows = [group.indices for group in groups]
             predicted_depth = merge([depth for depth, _ in parts], rows, batch_size, size=(height, width))
@@ -703,12 +863,12 @@ class VPDModelForDepthEstimation(VPDPreTrainedModel):
         names = list(scene_names) if scene_names is not None else list(NYU_SCENE_NAMES)
         templates = list(prompt_templates) if prompt_templates is not None else list(CLIP_IMAGENET_TEMPLATES)
 
-        def make_prompts(text_encoder: nn.Module, tokenizer: Any) -> dict[str, Any]:
-            embeddings = encode_prompts(
-                text_encoder, tokenizer, names, templates, max_length=NYU_PROMPT_MAX_LENGTH, show_progress=show_progress
+        def make_prompts(text: StableDiffusionText) -> dict[str, Any]:
+            tables = text.encode_prompts(
+                names, templates, max_length=NYU_PROMPT_MAX_LENGTH, show_progress=show_progress
             )
             return {
-                "prompt_embeddings": embeddings,
+                **tables,
                 "num_prompts": len(names),
                 "prompt_names": names,
                 "prompt_templates": templates,
@@ -927,10 +1087,10 @@ class VPDModelForSegmentation(VPDPreTrainedModel):
         if len(set(names)) != len(names):
             raise ValueError("`class_names` must be unique (they become `id2label` / `label2id`).")
 
-        def make_prompts(text_encoder: nn.Module, tokenizer: Any) -> dict[str, Any]:
-            embeddings = encode_prompts(text_encoder, tokenizer, names, [prompt_template], show_progress=show_progress)
+        def make_prompts(text: StableDiffusionText) -> dict[str, Any]:
+            tables = text.encode_prompts(names, [prompt_template], show_progress=show_progress)
             return {
-                "prompt_embeddings": embeddings,
+                **tables,
                 "num_prompts": len(names),
                 "prompt_names": names,
                 "prompt_templates": [prompt_template],
@@ -970,18 +1130,29 @@ class VPDModelForReferringSegmentation(VPDPreTrainedModel):
         super().__init__(config)
         if config.text_config is None:
             raise ValueError("Referring segmentation needs `config.text_config` (the CLIP text encoder's config).")
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
         self.vpd = VPDModel(config)
         self.text_encoder = CLIPTextModel(CLIPTextConfig(**config.text_config))
         self.text_encoder.requires_grad_(config.train_text_encoder)
+        # SDXL: the second encoder (context half + pooled `text_embeds`); None for SD 1.x/2.x.
+        self.text_encoder_2 = None
+        if config.text_config_2 is not None:
+            self.text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config.text_config_2))
+            self.text_encoder_2.requires_grad_(config.train_text_encoder)
         hidden = config.referring_decoder_channels or config.unet_channels[-1] // 2
         self.decoder = VPDReferringDecoder(self.vpd.feature_channels(num_tokens=config.token_length), hidden)
         self.post_init()
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """CLIP's last hidden states `(N, token_length, D)` of `input_ids` `(N, token_length)` (padding unmasked, as the
-        official model); without gradients unless `config.train_text_encoder`."""
+        official model); for SDXL both encoders' penultimate states, concatenated. Without gradients unless
+        `config.train_text_encoder`."""
+        return self.encode_text_and_pooled(input_ids)[0]
+
+    def encode_text_and_pooled(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`encode_text` and, for SDXL, the second encoder's pooled `text_embeds` `(N, P)` (None otherwise). The
+        second encoder sees `input_ids` re-padded with `tokenizer_2`'s pad id (`config.text_config_2`)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
             raise ValueError(f"`input_ids` must be an integer tensor (num_texts, {self.config.token_length}).")
         if input_ids.shape[1] != self.config.token_length:
@@ -990,7 +1161,11 @@ class VPDModelForReferringSegmentation(VPDPreTrainedModel):
                 f"(pad/truncate with VPDProcessor), got {input_ids.shape[1]}."
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_text_encoder):
-            return self.text_encoder(input_ids=input_ids).last_hidden_state
+            if self.text_encoder_2 is None:
+                return self.text_encoder(input_ids=input_ids).last_hidden_state, None
+            config_2 = self.config.text_config_2
+            input_ids_2 = repad_after_eos(input_ids, config_2["eos_token_id"], config_2["pad_token_id"])
+            return sdxl_text_states(self.text_encoder, self.text_encoder_2, input_ids, input_ids_2)
 
     @staticmethod
     def _resolve_image_indices(
@@ -1017,11 +1192,15 @@ class VPDModelForReferringSegmentation(VPDPreTrainedModel):
         return indices.long()
 
     def _decode(
-        self, latents: torch.Tensor, text_states: torch.Tensor, size: tuple[int, int]
+        self,
+        latents: torch.Tensor,
+        text_states: torch.Tensor,
+        size: tuple[int, int],
+        pooled: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, VPDBackboneOutput]:
         """Logits `(N, 2, ceil(H / 8), ceil(W / 8))` of the UNet pass of one latent per expression, for images of
-        `size` (H, W), and the backbone output."""
-        backbone = self.vpd(latents=latents, prompt_embeds=text_states)
+        `size` (H, W), and the backbone output; `pooled` `(N, P)`: SDXL's pooled text of each expression."""
+        backbone = self.vpd(latents=latents, prompt_embeds=text_states, pooled_prompt_embeds=pooled)
         logits = self.decoder(backbone.feature_maps)[..., : math.ceil(size[0] / 8), : math.ceil(size[1] / 8)]
         return logits, backbone
 
@@ -1072,12 +1251,12 @@ class VPDModelForReferringSegmentation(VPDPreTrainedModel):
                 latents.shape[-1] * self.config.vae_downsample_factor,
             )
             num_images, device = latents.shape[0], latents.device
-        text_states = self.encode_text(input_ids)
+        text_states, pooled = self.encode_text_and_pooled(input_ids)  # pooled: SDXL only, else None
         indices = self._resolve_image_indices(image_indices, input_ids.shape[0], num_images, device)
         if groups is None:
             if latents is None:
                 latents = self.vpd.encode_images(pixel_values)
-            logits, backbone = self._decode(latents[indices], text_states, (height, width))
+            logits, backbone = self._decode(latents[indices], text_states, (height, width), pooled)
         else:  # images of different sizes: each at its own padded size (see `vpd_hf.batching`)
             parts, rows = [], []
             for group in groups:
@@ -1086,7 +1265,8 @@ class VPDModelForReferringSegmentation(VPDPreTrainedModel):
                     continue  # an image no expression refers to is not encoded at all
                 group_latents = self.vpd.encode_images(crop(pixel_values, group))
                 local = (indices[texts, None] == group.indices[None]).int().argmax(dim=1)
-                parts.append(self._decode(group_latents[local], text_states[texts], group.size))
+                group_pooled = None if pooled is None else pooled[texts]
+                parts.append(self._decode(group_latents[local], text_states[texts], group.size, group_pooled))
                 rows.append(texts)
             size = (math.ceil(height / 8), math.ceil(width / 8))
             logits = merge([part_logits for part_logits, _ in parts], rows, input_ids.shape[0], size=size)
@@ -1144,10 +1324,9 @@ class VPDModelForReferringSegmentation(VPDPreTrainedModel):
             config_kwargs: any other `VPDConfig` field (e.g. `train_text_encoder=True`).
         """
 
-        def make_prompts(text_encoder: nn.Module, tokenizer: Any) -> dict[str, Any]:
+        def make_prompts(text: StableDiffusionText) -> dict[str, Any]:
             return {
-                "text_encoder_state_dict": text_encoder.state_dict(),
-                "text_config": text_encoder.config.to_dict(),
+                **text.text_encoder_entries(),
                 "num_prompts": 0,
                 "token_length": token_length,
                 "attention_resolutions": [32, 16],

@@ -1,4 +1,5 @@
-"""Text prompts of VPD: the NYUv2 scene names, the CLIP prompt templates, and their embedding with a CLIP text encoder."""
+"""Text prompts of VPD: the NYUv2 scene names, the CLIP prompt templates, and their embedding with a CLIP text encoder
+(or, for SDXL, its two encoders)."""
 
 from __future__ import annotations
 
@@ -120,6 +121,81 @@ def encode_prompts(
     return embeddings.mean(dim=1)
 
 
+def first_eos_index(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """`(N,)` position of the first `eos_token_id` in each row of `input_ids` `(N, T)` (the last position if none,
+    which only happens for rows truncated without an EOS)."""
+    is_eos = input_ids == eos_token_id
+    return torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), input_ids.shape[1] - 1)
+
+
+def repad_after_eos(input_ids: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """`input_ids` `(N, T)` with every position after the first EOS set to `pad_token_id`: SDXL's second tokenizer
+    has the first one's vocabulary and merges and differs only in its padding token (`!` instead of EOS)."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    after = positions[None, :] > first_eos_index(input_ids, eos_token_id)[:, None]
+    return input_ids.masked_fill(after, pad_token_id)
+
+
+def sdxl_text_states(
+    text_encoder: torch.nn.Module,
+    text_encoder_2: torch.nn.Module,
+    input_ids: torch.Tensor,
+    input_ids_2: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    SDXL's text conditioning, as `StableDiffusionXLPipeline.encode_prompt` computes it: the penultimate hidden states
+    of both encoders concatenated, `(N, T, D_1 + D_2)` (768 + 1280 = 2048), and the second encoder's projected pooled
+    output `text_embeds`, `(N, P)` (1280).
+    """
+    first = text_encoder(input_ids=input_ids, output_hidden_states=True).hidden_states[-2]
+    second = text_encoder_2(input_ids=input_ids_2, output_hidden_states=True)
+    return torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds
+
+
+@torch.no_grad()
+def encode_sdxl_prompts(
+    text_encoder: torch.nn.Module,
+    text_encoder_2: torch.nn.Module,
+    tokenizer,
+    names: Sequence[str],
+    templates: Sequence[str] = ("a photo of a {}.",),
+    max_length: int | None = None,
+    pad_token_id_2: int | None = None,
+    batch_size: int = 256,
+    show_progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    VPD prompt tokens for SDXL: per name, the mean over `templates` of the concatenated penultimate hidden states of
+    both encoders at the EOS token (SDXL's context space, as the pooled EOS state is SD 1.x's), and the mean of the
+    second encoder's pooled `text_embeds` (SDXL's `added_cond_kwargs["text_embeds"]`). Text is tokenised once with
+    `tokenizer`; the second encoder sees it re-padded with `pad_token_id_2` (`tokenizer_2`'s padding; the causal
+    encoders make the EOS states independent of padding anyway).
+
+    Returns:
+        `(len(names), D_1 + D_2)` prompt embeddings and `(len(names), P)` pooled embeddings, float32.
+    """
+    prompts = format_prompts(names, templates)
+    flat = [prompt for group in prompts for prompt in group]
+    max_length = max_length or tokenizer.model_max_length
+    eos = tokenizer.eos_token_id
+    pad_2 = eos if pad_token_id_2 is None else pad_token_id_2
+    device = next(text_encoder.parameters()).device
+    tokens, pooled = [], []
+    for start in tqdm(range(0, len(flat), batch_size), desc="Embedding prompts", disable=not show_progress):
+        ids = tokenizer(
+            flat[start : start + batch_size],
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        states, text_embeds = sdxl_text_states(text_encoder, text_encoder_2, ids, repad_after_eos(ids, eos, pad_2))
+        tokens.append(states[torch.arange(len(ids), device=device), first_eos_index(ids, eos)].float())
+        pooled.append(text_embeds.float())
+    shape = (len(prompts), len(prompts[0]))
+    return torch.cat(tokens).unflatten(0, shape).mean(dim=1), torch.cat(pooled).unflatten(0, shape).mean(dim=1)
+
+
 __all__ = [
     "ADE20K_CLASS_NAMES",
     "ADE20K_PROMPT_TEMPLATE",
@@ -127,5 +203,9 @@ __all__ = [
     "NYU_PROMPT_MAX_LENGTH",
     "NYU_SCENE_NAMES",
     "encode_prompts",
+    "encode_sdxl_prompts",
+    "first_eos_index",
     "format_prompts",
+    "repad_after_eos",
+    "sdxl_text_states",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .backbones import SD21_TEXT_CONFIG, SD21_UNET_CONFIG, SDXL_TEXT_CONFIG_2, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
 from .configuration_vpd import SD15_UNET_CONFIG, SD15_VAE_CONFIG, VPDConfig
 
 # The Stable Diffusion 1.5 layouts at small widths (every block, tap and attention level of the real model exists).
@@ -33,6 +34,46 @@ TINY_VAE_CONFIG: dict[str, Any] = {
     "layers_per_block": 1,
     "norm_num_groups": 8,
     "sample_size": 64,
+}
+
+# The SD 2.x layout at small widths: per-block head counts, linear transformer projections, a wider (1024-like) context
+# from a text encoder with "!" padding.
+TINY_SD2_UNET_CONFIG: dict[str, Any] = {
+    **SD21_UNET_CONFIG,
+    "sample_size": 8,
+    "block_out_channels": [32, 64, 64, 64],
+    "cross_attention_dim": 48,
+    "attention_head_dim": [2, 4, 4, 4],
+    "norm_num_groups": 16,
+}
+
+# The SDXL layout at small widths: three levels (none with cross-attention at the first), several transformer layers
+# per block, two text encoders (32 + 48 = 80-wide context) and `text_time` added conditioning whose pooled width (40)
+# differs from both encoders' hidden sizes.
+TINY_SDXL_TEXT_WIDTHS = (32, 48)
+TINY_SDXL_POOLED_DIM = 40
+TINY_SDXL_UNET_CONFIG: dict[str, Any] = {
+    **SDXL_UNET_CONFIG,
+    "sample_size": 8,
+    "block_out_channels": [32, 64, 64],
+    "transformer_layers_per_block": [1, 2, 2],
+    "cross_attention_dim": sum(TINY_SDXL_TEXT_WIDTHS),
+    "attention_head_dim": [2, 4, 4],
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": TINY_SDXL_POOLED_DIM + 6 * 8,
+    "norm_num_groups": 16,
+}
+TINY_SDXL_VAE_CONFIG: dict[str, Any] = {
+    **SDXL_VAE_CONFIG,
+    **{key: TINY_VAE_CONFIG[key] for key in ("block_out_channels", "layers_per_block", "norm_num_groups")},
+    "sample_size": 64,
+}
+
+# Tiny versions of each family's UNet and VAE configs, by `save_tiny_stable_diffusion(family=...)` name.
+TINY_FAMILY_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "sd15": (TINY_UNET_CONFIG, TINY_VAE_CONFIG),
+    "sd2": (TINY_SD2_UNET_CONFIG, TINY_VAE_CONFIG),
+    "sdxl": (TINY_SDXL_UNET_CONFIG, TINY_SDXL_VAE_CONFIG),
 }
 
 TINY_DEPTH_HEAD: dict[str, Any] = {
@@ -207,14 +248,17 @@ def _tiny_vocabulary() -> tuple[dict[str, int], list[str]]:
 TINY_CLIP_VOCAB_SIZE = len(_tiny_vocabulary()[0])
 
 
-def save_tiny_clip_tokenizer(directory: str | Path) -> Path:
-    """Writes a CLIP BPE tokenizer (`vocab.json`, `merges.txt`, configs) in the layout of SD's `tokenizer/`."""
+def save_tiny_clip_tokenizer(directory: str | Path, pad_token: str = "<|endoftext|>") -> Path:
+    """Writes a CLIP BPE tokenizer (`vocab.json`, `merges.txt`, configs) in the layout of SD's `tokenizer/`;
+    `pad_token="!"` gives the padding of SD 2.x's tokenizer and SDXL's `tokenizer_2`."""
     from transformers import CLIPTokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocab, merges = _tiny_vocabulary()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77)
+    tokenizer = CLIPTokenizer(
+        vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77, pad_token=pad_token
+    )
     tokenizer.save_pretrained(directory)
     # Stable Diffusion repos ship the slow-tokenizer files only (vocab.json + merges.txt, no tokenizer.json).
     (directory / "tokenizer.json").unlink(missing_ok=True)
@@ -223,50 +267,80 @@ def save_tiny_clip_tokenizer(directory: str | Path) -> Path:
     return directory
 
 
-def tiny_clip_text_config(vocab_size: int, hidden_size: int = 32):
+def tiny_clip_text_config(vocab_size: int, hidden_size: int = 32, projection_dim: int | None = None, **overrides: Any):
+    """A 2-layer CLIP text config; `overrides` take other `CLIPTextConfig` fields (e.g. a real config's `hidden_act`)."""
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=hidden_size,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
+    kwargs = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "projection_dim": hidden_size if projection_dim is None else projection_dim,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+    }
+    kwargs.update(overrides)
+    return CLIPTextConfig(**kwargs)
 
 
-def save_tiny_stable_diffusion(directory: str | Path, seed: int = 0) -> Path:
-    """Writes a tiny random Stable Diffusion checkpoint in the diffusers Hub layout and returns its path."""
+def save_tiny_stable_diffusion(directory: str | Path, seed: int = 0, family: str = "sd15") -> Path:
+    r"""
+    Writes a tiny random Stable Diffusion checkpoint in the diffusers Hub layout and returns its path.
+
+    `family`: `"sd15"` (`StableDiffusionPipeline` layout), `"sd2"` (SD 2.x: per-block head counts, linear projections,
+    a 48-wide context from a text encoder padding with "!") or `"sdxl"` (`StableDiffusionXLPipeline` layout: three UNet
+    levels, `text_encoder` + `text_encoder_2` (with projection) and `tokenizer` + `tokenizer_2` (padding "!")).
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    if family not in TINY_FAMILY_CONFIGS:
+        raise ValueError(f"`family` must be one of {list(TINY_FAMILY_CONFIGS)}, got {family!r}.")
+    unet_config, vae_config = TINY_FAMILY_CONFIGS[family]
     directory = Path(directory)
     torch.manual_seed(seed)
-    UNet2DConditionModel(**TINY_UNET_CONFIG).save_pretrained(directory / "unet")
-    AutoencoderKL(**TINY_VAE_CONFIG).save_pretrained(directory / "vae")
-    save_tiny_clip_tokenizer(directory / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
-    config = tiny_clip_text_config(len(tokenizer), hidden_size=TINY_UNET_CONFIG["cross_attention_dim"])
-    CLIPTextModel(config).save_pretrained(directory / "text_encoder")
+    UNet2DConditionModel(**unet_config).save_pretrained(directory / "unet")
+    AutoencoderKL(**vae_config).save_pretrained(directory / "vae")
+    save_tiny_clip_tokenizer(directory / "tokenizer", pad_token="!" if family == "sd2" else "<|endoftext|>")
+    vocab_size = len(CLIPTokenizer.from_pretrained(directory / "tokenizer"))
+    components = {
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+    }
+    if family == "sdxl":
+        first, second = TINY_SDXL_TEXT_WIDTHS
+        CLIPTextModel(tiny_clip_text_config(vocab_size, first)).save_pretrained(directory / "text_encoder")
+        config_2 = tiny_clip_text_config(
+            vocab_size, second, TINY_SDXL_POOLED_DIM, hidden_act=SDXL_TEXT_CONFIG_2["hidden_act"]
+        )
+        CLIPTextModelWithProjection(config_2).save_pretrained(directory / "text_encoder_2")
+        save_tiny_clip_tokenizer(directory / "tokenizer_2", pad_token="!")
+        components |= {
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        }
+        pipeline_class, extra = "StableDiffusionXLPipeline", {"force_zeros_for_empty_prompt": True}
+    else:
+        overrides = {"hidden_act": SD21_TEXT_CONFIG["hidden_act"]} if family == "sd2" else {}
+        config = tiny_clip_text_config(vocab_size, unet_config["cross_attention_dim"], **overrides)
+        CLIPTextModel(config).save_pretrained(directory / "text_encoder")
+        pipeline_class = "StableDiffusionPipeline"
+        extra = {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
     DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
         directory / "scheduler"
     )
     model_index = {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": pipeline_class,
         "_diffusers_version": "0.42.1",
         "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
+        **components,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
+        **extra,
     }
     (directory / "model_index.json").write_text(json.dumps(model_index, indent=2))
     return directory
@@ -275,6 +349,10 @@ def save_tiny_stable_diffusion(directory: str | Path, seed: int = 0) -> Path:
 __all__ = [
     "TINY_CLIP_VOCAB_SIZE",
     "TINY_DEPTH_HEAD",
+    "TINY_FAMILY_CONFIGS",
+    "TINY_SD2_UNET_CONFIG",
+    "TINY_SDXL_UNET_CONFIG",
+    "TINY_SDXL_VAE_CONFIG",
     "TINY_SEGMENTATION_HEAD",
     "TINY_UNET_CONFIG",
     "TINY_VAE_CONFIG",
