@@ -318,6 +318,7 @@ def test_requested_process_count_is_read_from_the_launcher(caplog):
     argv = [sys.executable, "/venv/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "train.py"]
     assert requested_num_processes({}, argv) == (2, "`accelerate launch --num_processes 2`")
     assert requested_num_processes({}, ["accelerate", "launch", "--num_processes=3", "x.py"])[0] == 3
+    assert requested_num_processes({}, ["python", "-m", "accelerate.commands.launch", "--num_processes", "2"])[0] == 2
     assert requested_num_processes({"WORLD_SIZE": "4"}, [])[0] == 4
     assert requested_num_processes({}, ["python", "train.py", "--num_processes", "2"]) == (1, "")
 

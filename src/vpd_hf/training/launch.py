@@ -58,6 +58,16 @@ def _parent_command_line() -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
+def _is_accelerate_launch(argv: Sequence[str]) -> bool:
+    """`accelerate launch ...`, `accelerate-launch ...` or `python -m accelerate.commands.launch ...`."""
+    names = [Path(part).name for part in argv[:3]]
+    return (
+        ("accelerate" in names and "launch" in argv)
+        or "accelerate-launch" in names
+        or ("accelerate.commands.launch" in argv[:3])
+    )
+
+
 def requested_num_processes(
     environ: Mapping[str, str] | None = None, launcher_argv: Sequence[str] | None = None
 ) -> tuple[int, str]:
@@ -68,8 +78,7 @@ def requested_num_processes(
     requested, source = 1, ""
     if _world_size(environ) > 1:
         requested, source = _world_size(environ), f"WORLD_SIZE={environ['WORLD_SIZE']}"
-    is_accelerate_launch = "launch" in argv and any(Path(part).name.startswith("accelerate") for part in argv)
-    if is_accelerate_launch:
+    if _is_accelerate_launch(argv):
         for index, part in enumerate(argv):
             match = _NUM_PROCESSES.match(part)
             if not match:
