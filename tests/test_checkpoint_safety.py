@@ -26,6 +26,7 @@ from vpd_hf.training.checkpointing import (
     KILL_ENV,
     CheckpointError,
     complete_checkpoints,
+    load_checkpoint,
     validate_checkpoint,
 )
 from vpd_hf.training.launch import requested_num_processes, warn_if_not_distributed
@@ -237,6 +238,27 @@ def test_every_broken_file_is_named_with_what_to_do(reference, tmp_path, damage,
     assert str(folder) in message and what in message and "--resume_from_checkpoint PATH" in message
     assert file in message
     assert str(checkpoints / "checkpoint_2") in message  # the complete checkpoint to fall back to
+
+
+def test_scheduler_state_with_foreign_keys_is_refused_before_loading(reference, tmp_path):
+    """`LambdaLR.load_state_dict` copies every key of the JSON onto the scheduler: only its own keys are accepted."""
+    folder = copy_checkpoints(reference, tmp_path / "run", 4) / "checkpoint_4"
+    state = json.loads((folder / "training_state.json").read_text())
+    state["scheduler"]["optimizer"] = "not an optimizer"
+    (folder / "training_state.json").write_text(json.dumps(state))
+    reseal(folder)
+
+    class NeverLoads:
+        num_processes = 1
+
+        def load_state(self, folder):
+            raise AssertionError("loaded despite a foreign scheduler key")
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))]), lambda s: 1.0)
+    with pytest.raises(
+        CheckpointError, match=r"checkpoint_4: training_state.json `scheduler` has unknown keys \['optimizer'\]"
+    ):
+        load_checkpoint(NeverLoads(), folder, scheduler)
 
 
 def test_latest_logs_its_choice_before_loading_and_load_errors_name_the_file(reference, tmp_path, caplog):

@@ -317,6 +317,13 @@ def load_checkpoint(
     """Validates `folder` (:func:`validate_checkpoint`), then restores model, optimiser, RNG (accelerate) and the LR
     scheduler; returns the training state (`global_step`, `epoch`, `batches_in_epoch`)."""
     state = validate_checkpoint(folder, accelerator.num_processes, allow_missing_rng_state=allow_missing_rng_state)
+    # `LambdaLR.load_state_dict` copies every key onto the scheduler: accept only the keys a scheduler has.
+    unknown = sorted(set(state["scheduler"]) - set(scheduler.state_dict()))
+    if unknown:
+        raise CheckpointError(
+            f"{folder}: {TRAINING_STATE} `scheduler` has unknown keys {unknown[:5]} (written for another scheduler, "
+            f"or edited). {_advice(folder)}"
+        )
     try:
         accelerator.load_state(str(folder))
         scheduler.load_state_dict(state["scheduler"])

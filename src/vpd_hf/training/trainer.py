@@ -34,10 +34,6 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; training stops instead of training through it."""
 
 
-def _strip_module(name: str) -> str:
-    return name[len("module.") :] if name.startswith("module.") else name
-
-
 def compact_state_names(model: torch.nn.Module) -> set[str]:
     """What a training checkpoint needs: the trainable parameters and the buffers (BatchNorm statistics, prompts).
     Frozen weights (VAE, a frozen text encoder, a LoRA-frozen UNet) come back from the model source on resume."""
