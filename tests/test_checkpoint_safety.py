@@ -25,6 +25,7 @@ from vpd_hf.training.checkpointing import (
     COMPLETE_MARKER,
     KILL_ENV,
     CheckpointError,
+    atomic_write_json,
     complete_checkpoints,
     load_checkpoint,
     validate_checkpoint,
@@ -325,8 +326,20 @@ def test_resuming_never_runs_code_from_a_checkpoint_file(reference, tmp_path, fi
     assert marker.exists()
 
 
-def test_training_state_and_results_are_written_atomically(reference):
+def test_training_state_and_results_are_written_atomically(reference, tmp_path, monkeypatch):
     """No JSON of a run is written in place: what a kill can leave is the old file or the new one."""
+    path = tmp_path / "training_state.json"
+    atomic_write_json(path, {"global_step": 2})
+
+    def killed(fd):  # the moment after the new bytes were written, before they replace the old file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_json(path, {"global_step": 4, "padding": "x" * 100_000})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"global_step": 2}
+
     state = json.loads((reference / "checkpoints" / "checkpoint_4" / "training_state.json").read_text())
     assert state["global_step"] == 4 and state["scheduler"]["last_epoch"] == 4
     assert not list(reference.rglob(".*.tmp-*"))
