@@ -6,6 +6,7 @@ reproducible across runs with several threads (~1e-12, which AdamW amplifies). T
 `VPD_HF_TEST_KILL_AT` names; the two-process (DDP) variant is in tests/test_training_run.py.
 """
 
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -260,6 +261,17 @@ def test_scheduler_state_with_foreign_keys_is_refused_before_loading(reference, 
         CheckpointError, match=r"checkpoint_4: training_state.json `scheduler` has unknown keys \['optimizer'\]"
     ):
         load_checkpoint(NeverLoads(), folder, scheduler)
+
+
+def test_rotation_keeps_the_new_checkpoint_when_an_earlier_run_went_further(reference, tmp_path, caplog):
+    """Resumed from checkpoint 4 while checkpoint 8 of the earlier run exists: with a limit of 1 the new checkpoint 6
+    is kept (not deleted as 'older than 8'), checkpoint 8 is left alone with a warning, checkpoint 4 is rotated away."""
+    out = tmp_path / "run"
+    checkpoints = copy_checkpoints(reference, out, 4, 8)
+    config = make_config(out, resume_from_checkpoint=str(checkpoints / "checkpoint_4"), checkpoints_total_limit=1)
+    result = one_thread_train(dataclasses.replace(config, stop_after_steps=2))
+    assert result["global_step"] == 6 and steps(out) == [6, 8]
+    assert "`--resume_from_checkpoint latest` would pick them" in caplog.text
 
 
 def test_latest_logs_its_choice_before_loading_and_load_errors_name_the_file(reference, tmp_path, caplog):

@@ -379,17 +379,29 @@ def _remove(folder: Path, why: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def rotate_checkpoints(checkpoints_dir: Path, total_limit: int | None) -> None:
+def rotate_checkpoints(checkpoints_dir: Path, total_limit: int | None, newest: Path | None = None) -> None:
     """Deletes leftovers of interrupted saves and, beyond `total_limit`, the oldest complete checkpoints named
     `checkpoint_<step>` (folders of other names are the user's and are never deleted). Call it only once the newest
-    checkpoint is complete."""
+    checkpoint (`newest`, never deleted) is complete; checkpoints of later steps than it (left by an earlier run that
+    went further before this one resumed from an older checkpoint) are kept, with a warning."""
     for folder in sorted(checkpoints_dir.iterdir()):
         if folder.is_dir() and _is_partial(folder):
             _remove(folder, "left by an interrupted checkpoint save")
+    found = complete_checkpoints(checkpoints_dir)
+    newest_step = next((step for step, folder in found if folder == newest), None)
+    if newest_step is not None:
+        later = [str(folder) for step, folder in found if step > newest_step]
+        if later:
+            logger.warning(
+                "Checkpoints of later steps than %s exist (%s, from an earlier run): `--resume_from_checkpoint "
+                "latest` would pick them; delete them if this run replaces them.", newest, ", ".join(later),
+            )  # fmt: skip
+        found = [(step, folder) for step, folder in found if step <= newest_step]
     if total_limit is None:
         return
-    ours = [(step, folder) for step, folder in complete_checkpoints(checkpoints_dir) if _OUR_NAME.match(folder.name)]
-    for _, folder in ours[: max(0, len(ours) - max(total_limit, 1))]:
+    ours = [(step, folder) for step, folder in found if _OUR_NAME.match(folder.name) and folder != newest]
+    keep = max(total_limit, 1) - (1 if newest_step is not None else 0)
+    for _, folder in ours[: max(0, len(ours) - keep)]:
         _remove(folder, f"checkpoints_total_limit={total_limit}")
 
 
@@ -451,7 +463,7 @@ def save_checkpoint(
         _fsync_dir(checkpoints_dir)
         logger.info("Saved checkpoint %s (step %d).", final, global_step)
         kill_point("checkpoint_before_rotation", global_step, rank)
-        rotate_checkpoints(checkpoints_dir, total_limit)
+        rotate_checkpoints(checkpoints_dir, total_limit, newest=final)
     accelerator.wait_for_everyone()
     return final
 
