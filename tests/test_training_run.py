@@ -168,26 +168,72 @@ def test_evaluation_equals_metrics_computed_by_hand(tmp_path, task):
                 assert metrics[key] == pytest.approx(want[key], rel=1e-6), key
 
 
-@pytest.mark.parametrize("task", ["depth", "segmentation", "referring"])
-def test_two_process_ddp_on_cpu(tmp_path, task):
-    """`accelerate launch` with two CPU processes (gloo) for a few steps of each task."""
+def _launch(launcher: list[str], arguments: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """`accelerate launch LAUNCHER scripts/train.py ARGUMENTS` (no ACCELERATE_USE_CPU: the config must do)."""
+    environ = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    script = str(ROOT / "scripts" / "train.py")
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, script, *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**environ, **env}, cwd=tmp_path)
+
+
+def _train_arguments(task: str, output_dir: Path, *extra: str) -> list[str]:
     size = "96" if task == "referring" else "64"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(ROOT / "scripts" / "train.py"), "--task", task, "--model", "tiny-random", "--dataset", "synthetic",
-        "--synthetic_num_train", "16", "--synthetic_num_eval", "4", "--synthetic_size", size, "--crop_size", size,
-        "--token_length", "8", "--per_device_train_batch_size", "2", "--max_steps", "3", "--learning_rate", "1e-3",
-        "--eval_segmentation_mode", "whole", "--output_dir", str(tmp_path / task), "--logging_steps", "1",
+    return [
+        "--task", task, "--model", "tiny-random", "--dataset", "synthetic", "--synthetic_num_train", "16",
+        "--synthetic_num_eval", "4", "--synthetic_size", size, "--crop_size", size, "--token_length", "8",
+        "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--eval_segmentation_mode", "whole",
+        "--output_dir", str(output_dir), "--logging_steps", "1", *extra,
     ]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+
+
+CPU_DDP = ["--config_file", str(ROOT / "configs" / "accelerate" / "cpu_ddp.yaml")]
+
+
+@pytest.mark.parametrize("task", ["segmentation", "referring"])
+def test_two_process_ddp_on_cpu(tmp_path, task):
+    """The shipped `configs/accelerate/cpu_ddp.yaml`, as is: two CPU processes (gloo) for a few steps of each task."""
+    result = _launch(CPU_DDP, _train_arguments(task, tmp_path / task, "--max_steps", "3"), tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((tmp_path / task / "all_results.json").read_text())
-    assert summary["global_step"] == 3 and summary["metrics"]
+    assert summary["global_step"] == 3 and summary["metrics"] and summary["num_processes"] == 2
     log = [json.loads(line) for line in (tmp_path / task / "training_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1, 2, 3]  # written once (main process), losses averaged over ranks
     assert "2 process(es)" in result.stderr
+
+
+def test_two_process_ddp_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path):
+    """Depth under DDP: rank 0 is SIGKILLed after the processes' files of checkpoint 4 are written but before the
+    completion marker; the relaunch resumes from checkpoint 2 (both ranks' RNG states) and finishes."""
+    out = tmp_path / "depth"
+    arguments = _train_arguments("depth", out, "--max_steps", "4", "--checkpointing_steps", "2",
+                                 "--resume_from_checkpoint", "latest")  # fmt: skip
+    killed = _launch(CPU_DDP, arguments, tmp_path, VPD_HF_TEST_KILL_AT="checkpoint_before_marker@4")
+    assert killed.returncode != 0 and "VPD_HF_TEST_KILL_AT=checkpoint_before_marker@4" in killed.stderr
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in (checkpoints / "checkpoint_2").iterdir()) == [
+        "checkpoint_complete.json", "model.safetensors", "optimizer.bin", "random_states_0.pkl",
+        "random_states_1.pkl", "training_state.json",
+    ]  # fmt: skip
+    partial = checkpoints / "checkpoint_4.partial"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "training_state.json"} <= {p.name for p in partial.iterdir()}
+    assert not (partial / "checkpoint_complete.json").exists()
+    resumed = _launch(CPU_DDP, arguments, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"Resuming from {checkpoints / 'checkpoint_2'}" in resumed.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_2", "checkpoint_4"]
+    assert json.loads((out / "all_results.json").read_text())["global_step"] == 4
+    log = [json.loads(line)["step"] for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]  # the steps after checkpoint 2 that the killed run logged are not repeated
+
+
+def test_a_cpu_launch_of_two_processes_warns_that_it_runs_one(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process: the trainer says so and points to the config."""
+    launcher = ["--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no"]  # fmt: skip
+    result = _launch(launcher, _train_arguments("depth", tmp_path / "one", "--max_steps", "1"), tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "2 processes were asked for (`accelerate launch --num_processes 2`)" in result.stderr
+    assert "configs/accelerate/cpu_ddp.yaml" in result.stderr and "1 process(es)" in result.stderr
 
 
 def test_quickstart_script_writes_its_report_pictures_and_a_reloadable_model(tmp_path):

@@ -393,7 +393,8 @@ class VPDPreTrainedModel(PreTrainedModel):
         model = cls(config)
 
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **hub_kwargs)
-        unet_state = {k: v for k, v in unet.state_dict().items() if k in model.vpd.unet.state_dict()}
+        wanted = model.vpd.unet.state_dict().keys()  # once: in the condition it was rebuilt for every key (O(n^2))
+        unet_state = {k: v for k, v in unet.state_dict().items() if k in wanted}
         model.vpd.unet.load_state_dict(unet_state, strict=True)
         del unet, unet_state
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **hub_kwargs)

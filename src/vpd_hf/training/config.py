@@ -102,7 +102,13 @@ class TrainConfig:
     # -- checkpoints, evaluation, logging -----------------------------------------------------------------------------
     checkpointing_steps: int | None = field(default=None, metadata={"help": "Save a resumable checkpoint every N."})
     checkpoints_total_limit: int | None = field(default=3, metadata={"help": "Keep the last K checkpoints."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "`latest` or a checkpoint folder."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "`latest` (the newest complete checkpoint) or a checkpoint folder."}
+    )
+    resume_without_rng_state: bool = field(
+        default=False,
+        metadata={"help": "Resume even if the checkpoint lacks a process's random-number state (not reproducible)."},
+    )
     stop_after_steps: int | None = field(
         default=None,
         metadata={

@@ -12,29 +12,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..hub import model_card_from_run, push_to_hub, save_model_card
+from . import checkpointing
+from .checkpointing import TRAINING_STATE, atomic_write_json, kill_point, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import build_datasets, build_model_and_processor, load_raw_splits
 from .evaluation import EvaluationOptions, evaluate
+from .launch import use_cpu_for_distributed, warn_if_not_distributed
 from .lora import add_unet_lora, cast_frozen_weights, merge_unet_lora, save_unet_lora
 from .optimization import build_optimizer, build_scheduler, describe_groups
 
 logger = logging.getLogger("vpd_hf.training")
 
-TRAINING_STATE = "training_state.json"
 TRAINING_LOG = "training_log.jsonl"
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; training stops instead of training through it."""
-
-
-def _strip_module(name: str) -> str:
-    return name[len("module.") :] if name.startswith("module.") else name
 
 
 def compact_state_names(model: torch.nn.Module) -> set[str]:
@@ -48,53 +45,27 @@ def compact_state_names(model: torch.nn.Module) -> set[str]:
 def register_compact_checkpoints(accelerator: Any, model: torch.nn.Module) -> None:
     """Checkpoints keep only :func:`compact_state_names` (LoRA checkpoints: adapter + heads), and resume loads them
     into the model rebuilt from its source."""
-    keep = compact_state_names(accelerator.unwrap_model(model))
-
-    def save_hook(models: list, weights: list, output_dir: str) -> None:
-        for index, state in enumerate(weights):
-            weights[index] = {key: value for key, value in state.items() if _strip_module(key) in keep}
-
-    def load_hook(models: list, input_dir: str) -> None:
-        while models:
-            target = accelerator.unwrap_model(models.pop())
-            state = {_strip_module(k): v for k, v in load_file(Path(input_dir) / "model.safetensors").items()}
-            result = target.load_state_dict(state, strict=False)
-            missing = [name for name in result.missing_keys if name in keep]
-            if missing or result.unexpected_keys:
-                raise ValueError(
-                    f"Checkpoint {input_dir} does not match the model: missing {missing[:5]}, "
-                    f"unexpected {result.unexpected_keys[:5]}."
-                )
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def _checkpoint_dirs(output_dir: Path) -> list[Path]:
-    folder = output_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [
-        p
-        for p in folder.iterdir()
-        if p.is_dir() and p.name.startswith("checkpoint_") and (p / TRAINING_STATE).is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name.split("_")[-1]))
+    checkpointing.register_compact_checkpoints(accelerator, model, compact_state_names(accelerator.unwrap_model(model)))
 
 
 def resolve_checkpoint(config: TrainConfig) -> Path | None:
-    if not config.resume_from_checkpoint:
-        return None
-    if config.resume_from_checkpoint == "latest":
-        found = _checkpoint_dirs(Path(config.output_dir))
-        if not found:
-            logger.warning("No checkpoint in %s to resume from; starting from scratch.", config.output_dir)
-            return None
-        return found[-1]
-    path = Path(config.resume_from_checkpoint)
-    if not (path / TRAINING_STATE).is_file():
-        raise ValueError(f"`resume_from_checkpoint` {path} is not a checkpoint folder (no {TRAINING_STATE}).")
-    return path
+    """The checkpoint `config.resume_from_checkpoint` names (`latest`: the newest complete one), or None."""
+    return checkpointing.resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+
+
+def _truncate_training_log(log_path: Path, global_step: int) -> None:
+    """On resume, drops the log lines of steps after the checkpoint (they are run again) and a line cut by a kill."""
+    if not log_path.exists():
+        return
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= global_step:
+            kept.append(line)
+    checkpointing.atomic_write_text(log_path, "".join(f"{line}\n" for line in kept))
 
 
 def _model_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
@@ -127,16 +98,17 @@ def train(config: TrainConfig) -> dict[str, Any]:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir),
-            logging_dir=str(output_dir / "logs"),
-            automatic_checkpoint_naming=True,
-            total_limit=config.checkpoints_total_limit,
-        ),
+        # Checkpoint naming and rotation are ours (checkpointing.py): accelerate's rotation deletes the oldest
+        # checkpoint before the new one is written and counts interrupted ones.
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Several processes started by torchrun on a machine without GPU: one gloo group on CPU (otherwise each
+        # process would train alone into the same folder).
+        cpu=use_cpu_for_distributed(),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    warn_if_not_distributed(accelerator)
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp and config.lora_rank:
         raise ValueError("`lora_rank` is not supported under FSDP; train LoRA with DDP (adapters need no sharding).")
@@ -204,18 +176,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
         min_lr_ratio=config.min_lr_ratio,
     )
     # Stepped once per optimiser update by this loop (accelerate's prepared scheduler would step once per process).
-    accelerator.register_for_checkpointing(scheduler)
+    # Its state is saved in training_state.json, not with `register_for_checkpointing`: accelerate unpickles those
+    # objects with weights_only=False, i.e. a checkpoint could run code on resume.
     if not fsdp:  # FSDP writes its own (full-state) checkpoints through accelerate
         register_compact_checkpoints(accelerator, model)
     options = EvaluationOptions.from_config(config)
 
     global_step, start_epoch, skip_batches = 0, 0, 0
-    checkpoint = resolve_checkpoint(config)
+    checkpoint = resolve_checkpoint(config)  # logs the folder it chose before anything is loaded
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / TRAINING_STATE).read_text())
+        state = load_checkpoint(
+            accelerator, checkpoint, scheduler, allow_missing_rng_state=config.resume_without_rng_state
+        )
         global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
-        accelerator.project_configuration.iteration = int(checkpoint.name.split("_")[-1]) + 1
         logger.info(
             "Resumed from %s at step %d (epoch %d, batch %d).", checkpoint, global_step, start_epoch, skip_batches
         )
@@ -236,6 +209,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     log_path = output_dir / TRAINING_LOG
     if accelerator.is_main_process and checkpoint is None and log_path.exists():
         log_path.unlink()
+    elif accelerator.is_main_process and checkpoint is not None:
+        _truncate_training_log(log_path, global_step)
     progress = tqdm(
         total=total_steps, initial=global_step, desc="Training", disable=not accelerator.is_local_main_process
     )
@@ -283,9 +258,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 if accelerator.is_main_process:
                     with log_path.open("a") as handle:
                         handle.write(json.dumps({"step": global_step, "loss": mean_loss, "lr": max(lr)}) + "\n")
+            kill_point("train_step", global_step, accelerator.process_index)
             stopping = config.stop_after_steps is not None and global_step - start_step >= config.stop_after_steps
             if stopping or (config.checkpointing_steps and global_step % config.checkpointing_steps == 0):
-                _save_checkpoint(accelerator, global_step, epoch, batches_in_epoch)
+                state = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                         "scheduler": scheduler.state_dict()}  # fmt: skip
+                save_checkpoint(accelerator, output_dir, global_step, state, config.checkpoints_total_limit, optimizer)
             if config.eval_steps and global_step % config.eval_steps == 0 and global_step < total_steps:
                 metrics = evaluate(model, eval_loader, config.task, options, accelerator)
                 accelerator.log(
@@ -323,22 +301,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
         summary = {"metrics": metrics, "global_step": global_step, "train_seconds": elapsed,
                    "num_processes": accelerator.num_processes, "protocol": dataclasses.asdict(options),
                    "config": config.to_dict()}  # fmt: skip
-        (output_dir / "all_results.json").write_text(json.dumps(summary, indent=2, default=str))
+        atomic_write_json(output_dir / "all_results.json", summary, indent=2, default=str)
         save_model_card(model_card_from_run(output_dir, repo_id=config.hub_model_id), output_dir)
         logger.info("Final metrics: %s; model saved to %s", _summary(metrics), output_dir)
     if config.push_to_hub and accelerator.is_main_process:
         _push(config, output_dir)
     accelerator.end_training()
     return {"metrics": metrics, "global_step": global_step, "output_dir": str(output_dir), "history": history}
-
-
-def _save_checkpoint(accelerator: Any, global_step: int, epoch: int, batches_in_epoch: int) -> None:
-    """A resumable checkpoint (accelerate state + where the loop stands)."""
-    saved = Path(accelerator.save_state())
-    if accelerator.is_main_process:
-        state = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
-        (saved / TRAINING_STATE).write_text(json.dumps(state))
-    accelerator.wait_for_everyone()
 
 
 def _summary(metrics: dict[str, Any]) -> str:
@@ -357,6 +326,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, An
 
 
 __all__ = [
+    "TRAINING_STATE",
     "NonFiniteLossError",
     "compact_state_names",
     "main",
