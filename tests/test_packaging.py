@@ -1,5 +1,6 @@
 """The README's commands, CI and the package metadata agree."""
 
+import json
 import re
 import subprocess
 import sys
@@ -117,3 +118,16 @@ def test_accelerate_config_files_load(name):
 
         wrapped = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
         assert wrapped == [BasicTransformerBlock.__name__, ResnetBlock2D.__name__]
+
+
+def test_profile_paths_compares_the_fast_path_with_the_reference(tmp_path):
+    """The profiling harness on the tiny model: both paths timed, and their op lists show the attention each uses."""
+    out = tmp_path / "profile.json"
+    command = [sys.executable, str(ROOT / "scripts" / "profile_paths.py"), "--tiny", "--side", "64", "--rounds", "1"]
+    subprocess.run([*command, "--ops", "60", "--json", str(out)], check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert report["fast_median_s"] > 0 and report["reference_median_s"] > 0
+    fast_ops = {row["op"] for row in report["fast_ops"]}
+    reference_ops = {row["op"] for row in report["reference_ops"]}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in fast_ops  # SDPA in the plain attention layers
+    assert "aten::_softmax" in reference_ops and "aten::baddbmm" in reference_ops  # materialised probabilities
