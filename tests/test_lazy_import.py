@@ -56,9 +56,6 @@ def depth_folder(tmp_path_factory):
 @pytest.mark.parametrize(
     "code",
     [
-        # the README's usage: the pipeline factory after `import vpd_hf`
-        "import vpd_hf\nfrom transformers import pipeline\n"
-        "print(type(pipeline('depth-estimation', model=FOLDER).model).__name__)",
         "import vpd_hf\nfrom transformers import AutoModelForDepthEstimation\n"
         "print(type(AutoModelForDepthEstimation.from_pretrained(FOLDER)).__name__)",
         # transformers' Auto machinery imported before vpd_hf: registered at `import vpd_hf`
@@ -71,26 +68,29 @@ def depth_folder(tmp_path_factory):
         "import vpd_hf\nfrom diffusers import StableDiffusionPipeline\nfrom transformers import AutoModelForDepthEstimation\n"
         "print(type(AutoModelForDepthEstimation.from_pretrained(FOLDER)).__name__)",
     ],
-    ids=["pipeline", "auto-after", "auto-before", "class-module", "via-diffusers"],
+    ids=["auto-after", "auto-before", "class-module", "via-diffusers"],
 )
 def test_registration_works_in_any_import_order(depth_folder, code):
     assert python(f"FOLDER = {str(depth_folder)!r}\n{code}") == "VPDModelForDepthEstimation"
 
 
-def test_registration_covers_image_processors_pipelines_and_auto_map(depth_folder):
+def test_registration_serves_the_pipelines_image_processors_and_auto_map(depth_folder):
+    """The README's usage, `import vpd_hf` then transformers' pipeline factory, and what else registration sets up."""
     result = python(f"""
         import json
         import vpd_hf
-        from transformers import AutoImageProcessor
+        from transformers import AutoImageProcessor, pipeline
         from transformers.pipelines import PIPELINE_REGISTRY
 
         print(json.dumps({{
+            "pipeline": type(pipeline("depth-estimation", model={str(depth_folder)!r}).model).__name__,
             "image_processor": type(AutoImageProcessor.from_pretrained({str(depth_folder)!r})).__name__,
             "referring": "referring-image-segmentation" in PIPELINE_REGISTRY.supported_tasks,
             "auto_map": vpd_hf.VPDConfig._auto_class,
         }}))
         """)
     assert json.loads(result) == {
+        "pipeline": "VPDModelForDepthEstimation",
         "image_processor": "VPDImageProcessor",
         "referring": True,
         "auto_map": "AutoConfig",
