@@ -429,7 +429,9 @@ class VPDConfig(PreTrainedConfig):
         return self.vae_downsample_factor * 2 ** (len(self.unet_config["block_out_channels"]) - 1)
 
     @classmethod
-    def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    def get_config_dict(
+        cls, pretrained_model_name_or_path: Any, **kwargs: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """transformers' loader, refusing the config of another model. transformers only logs a warning for a
         `model_type` mismatch, and every VPD field has a default: a `bert` (or diffusers UNet) config.json would load
         as a default VPD config, and its model with random weights. This is the method `from_pretrained` of the
