@@ -64,6 +64,12 @@ def run_cli(argv, capsys):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+def counts(output, total, predicted, already_done):
+    """`vpd-hf predict`'s JSON line for a run in which no image was skipped."""
+    return {"output": str(output), "total": total, "predicted": predicted, "already_done": already_done,
+            "skipped": 0, "skipped_items": {}}  # fmt: skip
+
+
 def by_hand(task, folder, image, texts=None):
     """The model's prediction through its processor, without the prediction module."""
     model_class = {"depth": vpd_hf.VPDModelForDepthEstimation, "segmentation": vpd_hf.VPDModelForSegmentation,
@@ -102,7 +108,7 @@ def test_predict_depth_writes_millimetre_pngs_equal_to_the_model_and_resumes(mod
     out = tmp_path / "out"
     argv = ["predict", "--task", "depth", "--model", models / "depth", tmp_path / "in", tmp_path / "other" / "*.png",
             "--output", out, "--batch-size", "2", "--no-progress"]  # fmt: skip
-    assert run_cli(argv, capsys) == {"output": str(out), "total": 3, "predicted": 3, "skipped": 0}
+    assert run_cli(argv, capsys) == counts(out, 3, 3, 0)
     # same stem in two folders: the parent folder's name keeps them apart
     names = ["in_a", "b", "other_a"]
     for name, path in zip(names, images, strict=True):
@@ -117,10 +123,10 @@ def test_predict_depth_writes_millimetre_pngs_equal_to_the_model_and_resumes(mod
     assert [m["id"] for m in manifest] == names and manifest[0]["files"] == ["in_a_depth.png", "in_a_depth16.png"]
 
     # a rerun skips what is done; a line cut by an interruption counts as not done
-    assert run_cli(argv, capsys)["skipped"] == 3
+    assert run_cli(argv, capsys)["already_done"] == 3
     lines = (out / "predictions.jsonl").read_text().splitlines()
     (out / "predictions.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:15])
-    assert run_cli(argv, capsys) == {"output": str(out), "total": 3, "predicted": 1, "skipped": 2}
+    assert run_cli(argv, capsys) == counts(out, 3, 1, 2)
 
 
 def test_predict_segmentation_writes_label_maps_and_overlays(models, tmp_path, capsys):
@@ -165,10 +171,10 @@ def test_predict_a_dataset_split_by_row_index_and_resume(models, tmp_path, capsy
     argv = ["predict", "--task", task, "--model", models / task, "--dataset", data, "--dataset-config", config,
             "--output", out, "--no-progress"]  # fmt: skip
     first = run_cli([*argv, "--max-samples", "2"], capsys)
-    assert first == {"output": str(out), "total": 2, "predicted": 2, "skipped": 0}
+    assert first == counts(out, 2, 2, 0)
     rest = run_cli(argv, capsys)
     rows = vpd_hf.data.loading.load_splits(data, config)["validation"]
-    assert rest == {"output": str(out), "total": len(rows), "predicted": len(rows) - 2, "skipped": 2}
+    assert rest == counts(out, len(rows), len(rows) - 2, 2)
     manifest = [json.loads(line) for line in (out / "predictions-0-of-1.jsonl").read_text().splitlines()]
     assert [m["id"] for m in manifest] == [f"{i:06d}" for i in range(len(rows))]
     if task == "depth":
@@ -196,7 +202,7 @@ def test_predict_rejects_bad_arguments(models, tmp_path, capsys):
                                   progress=False)  # fmt: skip
     with pytest.raises(SystemExit):
         cli.main([*base, "--task", "depth", "--dataset", str(data), "--dataset-config", "scenes", "--split", "test"])
-    assert "`split` 'test'" in capsys.readouterr().err
+    assert "`--split` 'test'" in capsys.readouterr().err
 
 
 def test_card_command_writes_a_model_card_with_results(models, tmp_path, capsys):
@@ -292,4 +298,4 @@ def test_distributed_prediction_shards_a_split_over_two_processes(models, tmp_pa
               for rank in range(2)]  # fmt: skip
     assert shards == [["000000", "000002", "000004"], ["000001", "000003"]]
     assert len(list(out.glob("*_depth16.png"))) == 5
-    assert run_cli(predict, capsys) == {"output": str(out), "total": 5, "predicted": 0, "skipped": 5}
+    assert run_cli(predict, capsys) == counts(out, 5, 0, 5)

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Commands whose arguments belong to another parser (the scripts' own): everything after the name is passed on.
@@ -37,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="predict images or a dataset split into PNG files",
         description="Predict depth / semantic labels / referring masks for images (paths, globs, folders) or a whole "
         "`datasets` split, writing colour visualisations and raw maps (16-bit depth PNG in mm, label PNG, mask PNG) "
-        "plus a JSON-lines manifest; items already in the manifest are skipped.",
+        "plus a JSON-lines manifest; items already in the manifest are skipped. An image that cannot be read is "
+        "skipped, recorded in the manifest with the reason and listed at the end; the exit status is 1 when nothing "
+        "could be predicted (or, with --strict, when anything was skipped), 2 for a wrong argument.",
         epilog=PREDICT_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -56,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if available)")
     predict.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default: as saved)")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    predict.add_argument("--strict", action="store_true", help="exit with status 1 if any image was skipped")
 
     card = commands.add_parser(
         "card",
@@ -102,7 +106,22 @@ def _dtype(name: str | None):
     return getattr(torch, DTYPES[name])
 
 
-def run_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, int]:
+# How the library's errors (which name Python arguments in backquotes) name them on this command line.
+PREDICT_FLAGS = {
+    "`model`": "`--model`",
+    "`task`": "`--task`",
+    "`device`": "`--device`",
+    "`dataset`": "`--dataset`",
+    "`dataset_config`": "`--dataset-config`",
+    "`split`": "`--split`",
+    "`image_column`": "`--image-column`",
+    "`text_column`": "`--text-column`",
+    "`batch_size`": "`--batch-size`",
+    "`texts`": "`--text`",
+}
+
+
+def run_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     from .prediction import predict_dataset, predict_files
 
     if bool(args.inputs) == bool(args.dataset):
@@ -113,7 +132,7 @@ def run_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> di
         return predict_dataset(
             args.task, args.model, args.dataset, args.output, split=args.split, dataset_config=args.dataset_config,
             image_column=args.image_column, text_column=args.text_column, batch_size=args.batch_size,
-            max_samples=args.max_samples, dtype=_dtype(args.dtype), progress=not args.no_progress,
+            max_samples=args.max_samples, dtype=_dtype(args.dtype), progress=not args.no_progress, device=args.device,
         )  # fmt: skip
     if args.task == "referring" and not args.text:
         parser.error("predict: --task referring needs at least one --text")
@@ -123,16 +142,63 @@ def run_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> di
     )  # fmt: skip
 
 
+def report_predictions(counts: dict[str, Any], output: Path, strict: bool) -> int:
+    """Prints the summary (stderr) and the counts (one JSON line, stdout); returns the exit status: 1 when images were
+    skipped and the folder holds no prediction at all (nothing could be done), or with `strict`; else 0."""
+    skipped = counts.get("skipped_items", {})
+    summary = f"vpd-hf predict: {counts['predicted']} predicted, {counts['already_done']} already done"
+    summary += f", {len(skipped)} skipped" + (":" if skipped else "")
+    print(summary, file=sys.stderr)
+    for item_id, reason in skipped.items():
+        print(f"  {item_id}: {reason}", file=sys.stderr)  # also in the manifest, with the input's path
+    print(json.dumps({"output": str(output), **counts}))
+    if skipped and (strict or counts["predicted"] + counts["already_done"] == 0):
+        return 1
+    return 0
+
+
+def _hub_unreachable(repo_id: str) -> str | None:
+    """Why the Hub cannot be used now (offline mode, or no answer to one request without retries), else None."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if huggingface_hub.is_offline_mode():
+        return "offline mode is on (HF_HUB_OFFLINE)"
+    try:
+        huggingface_hub.HfApi().model_info(repo_id, timeout=10)
+    except HfHubHTTPError:
+        pass  # an answer (e.g. the repository does not exist yet): the Hub is there
+    except Exception as error:  # the HTTP client's connection errors
+        return f"the Hub cannot be reached ({type(error).__name__}: {error})"
+    return None
+
+
 def run_card(args: argparse.Namespace) -> Path:
+    if args.push:
+        if not args.repo_id:
+            raise SystemExit("vpd-hf card: --push needs --repo-id")
+        # Checked first: without a network the upload would fail only after the card is built, with a traceback.
+        reason = _hub_unreachable(args.repo_id)
+        if reason:
+            raise ValueError(f"`--push` to {args.repo_id!r}: {reason}. Write the card without --push, and push when "
+                             "online.")  # fmt: skip
     from .hub import model_card_from_run, push_to_hub, save_model_card
 
     card = model_card_from_run(args.folder, repo_id=args.repo_id, eval_file=args.eval_file)
     path = save_model_card(card, args.folder)
     if args.push:
-        if not args.repo_id:
-            raise SystemExit("vpd-hf card: --push needs --repo-id")
         push_to_hub(args.folder, args.repo_id, card=card, private=args.private or None)
     return path
+
+
+def train_usage() -> int:
+    """`vpd-hf train` without arguments: the usage, not a run of the defaults into outputs/train."""
+    from .training.config import build_parser as build_train_parser
+
+    build_train_parser(prog="vpd-hf train").print_usage(sys.stderr)
+    print("vpd-hf train: give the run's options, e.g. --recipe nyu_depth --model SD_FOLDER_OR_ID --dataset DATA "
+          "--output_dir OUT; `vpd-hf train --help` lists them all.", file=sys.stderr)  # fmt: skip
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         command, rest = argv[0], argv[1:]
         if command == "train":
+            if not rest:
+                return train_usage()
             from .training.trainer import main as train_main
 
             train_main(rest, prog="vpd-hf train")
@@ -156,17 +224,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "predict":
-            counts = run_predict(args, parser)
-            print(json.dumps({"output": str(args.output), **counts}))
-        elif args.command == "card":
+            return report_predictions(run_predict(args, parser), args.output, args.strict)
+        if args.command == "card":
             print(run_card(args))
         else:
             from .demo import launch
 
             launch(args.depth_model, args.segmentation_model, args.referring_model, device=args.device,
                    server_port=args.port, share=args.share)  # fmt: skip
-    except (TypeError, ValueError) as error:
-        parser.exit(2, f"vpd-hf {args.command}: error: {error}\n")
+    except (TypeError, ValueError, OSError) as error:
+        # Wrong arguments and unusable files are the user's to fix: a message naming them, not a traceback.
+        message = str(error)
+        if args.command == "predict":
+            for name, flag in PREDICT_FLAGS.items():
+                message = message.replace(name, flag)
+        parser.exit(2, f"vpd-hf {args.command}: error: {message}\n")
     return 0
 
 

@@ -466,5 +466,28 @@ class VPDConfig(PreTrainedConfig):
         integer size (64 for SD; also for SDXL, whose stride-64 map is pooled from its stride-32 mid block)."""
         return self.vae_downsample_factor * 2 ** (NUM_TAPS - 1)
 
+    @classmethod
+    def get_config_dict(
+        cls, pretrained_model_name_or_path: Any, **kwargs: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """transformers' loader, refusing the config of another model. transformers only logs a warning for a
+        `model_type` mismatch, and every VPD field has a default: a `bert` (or diffusers UNet) config.json would load
+        as a default VPD config, and its model with random weights. This is the method `from_pretrained` of the
+        config and of every VPD model class goes through (`AutoConfig` dispatches on `model_type` itself)."""
+        config_dict, unused_kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        diffusers_class = config_dict.get("_class_name") if "_diffusers_version" in config_dict else None
+        if model_type not in (None, cls.model_type) or diffusers_class:
+            architectures = ", ".join(config_dict.get("architectures") or [])
+            held = f"a `{model_type}` model" if model_type else f"a diffusers `{diffusers_class}`"
+            raise ValueError(
+                f"{str(pretrained_model_name_or_path)!r} holds {held}{f' ({architectures})' if architectures else ''}, "
+                f"not a VPD model (its config.json has `model_type` {model_type!r}, VPD's is {cls.model_type!r}). "
+                "Load it with its own class (e.g. `AutoModel.from_pretrained`), or build a VPD model from a Stable "
+                "Diffusion checkpoint with `VPDModelForDepthEstimation.from_stable_diffusion(...)` (or the "
+                "segmentation / referring classes) or `vpd-hf train`."
+            )
+        return config_dict, unused_kwargs
+
 
 __all__ = ["SD15_HUB_ID", "SD15_UNET_CONFIG", "SD15_VAE_CONFIG", "VPDConfig"]
