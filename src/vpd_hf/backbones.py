@@ -77,8 +77,8 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
     "norm_num_groups": 32,
 }
 
-# SDXL's VAE: SD's architecture with another latent scale (`vae/config.json` of the same repository).
-SDXL_VAE_CONFIG: dict[str, Any] = {
+# Stable Diffusion 1.x/2.x's VAE (`vae/config.json`; VPD keeps its encoder).
+SD15_VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
     "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -87,6 +87,13 @@ SDXL_VAE_CONFIG: dict[str, Any] = {
     "layers_per_block": 2,
     "latent_channels": 4,
     "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+# SDXL's VAE: SD's architecture with another latent scale (`vae/config.json` of the same repository).
+SDXL_VAE_CONFIG: dict[str, Any] = {
+    **SD15_VAE_CONFIG,
     "sample_size": 1024,
     "scaling_factor": 0.13025,
     "force_upcast": True,

@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from .backbones import NUM_TAPS, BackboneLayout, backbone_layout
+from .backbones import NUM_TAPS, SD15_VAE_CONFIG, BackboneLayout, backbone_layout
 
 # The Stable Diffusion checkpoint VPD was built on (the official code's `v1-5-pruned-emaonly`), on the Hub.
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -27,18 +27,6 @@ SD15_UNET_CONFIG: dict[str, Any] = {
     "norm_num_groups": 32,
 }
 
-SD15_VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
 
 # The UNet levels whose cross-attention maps VPD can use, named by their map size for a 512x512 input
 # (latent strides 1, 2 and 4, i.e. image strides 8, 16 and 32). The 8x8 mid block is never used.

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -85,6 +85,21 @@ def format_prompts(names: Sequence[str], templates: Sequence[str]) -> list[list[
     return [[template.format(name.replace("_", " ")) for template in templates] for name in names]
 
 
+def _token_batches(
+    tokenizer, prompts: list[list[str]], max_length: int | None, batch_size: int, show_progress: bool, device
+) -> Iterator[torch.Tensor]:
+    """The flattened `prompts` tokenised to `max_length` (default: the tokenizer's), `batch_size` at a time."""
+    flat = [prompt for group in prompts for prompt in group]
+    for start in tqdm(range(0, len(flat), batch_size), desc="Embedding prompts", disable=not show_progress):
+        yield tokenizer(
+            flat[start : start + batch_size],
+            padding="max_length",
+            max_length=max_length or tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+
+
 @torch.no_grad()
 def encode_prompts(
     text_encoder: torch.nn.Module,
@@ -103,20 +118,10 @@ def encode_prompts(
         `(len(names), hidden_size)` float32 tensor on the text encoder's device.
     """
     prompts = format_prompts(names, templates)
-    flat = [prompt for group in prompts for prompt in group]
-    max_length = max_length or tokenizer.model_max_length
     device = next(text_encoder.parameters()).device
     pooled = []
-    for start in tqdm(range(0, len(flat), batch_size), desc="Embedding prompts", disable=not show_progress):
-        tokens = tokenizer(
-            flat[start : start + batch_size],
-            padding="max_length",
-            max_length=max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        output = text_encoder(input_ids=tokens.input_ids.to(device))
-        pooled.append(output.pooler_output.float())
+    for ids in _token_batches(tokenizer, prompts, max_length, batch_size, show_progress, device):
+        pooled.append(text_encoder(input_ids=ids).pooler_output.float())
     embeddings = torch.cat(pooled).unflatten(0, (len(prompts), len(prompts[0])))
     return embeddings.mean(dim=1)
 
@@ -175,20 +180,11 @@ def encode_sdxl_prompts(
         `(len(names), D_1 + D_2)` prompt embeddings and `(len(names), P)` pooled embeddings, float32.
     """
     prompts = format_prompts(names, templates)
-    flat = [prompt for group in prompts for prompt in group]
-    max_length = max_length or tokenizer.model_max_length
     eos = tokenizer.eos_token_id
     pad_2 = eos if pad_token_id_2 is None else pad_token_id_2
     device = next(text_encoder.parameters()).device
     tokens, pooled = [], []
-    for start in tqdm(range(0, len(flat), batch_size), desc="Embedding prompts", disable=not show_progress):
-        ids = tokenizer(
-            flat[start : start + batch_size],
-            padding="max_length",
-            max_length=max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
+    for ids in _token_batches(tokenizer, prompts, max_length, batch_size, show_progress, device):
         states, text_embeds = sdxl_text_states(text_encoder, text_encoder_2, ids, repad_after_eos(ids, eos, pad_2))
         tokens.append(states[torch.arange(len(ids), device=device), first_eos_index(ids, eos)].float())
         pooled.append(text_embeds.float())
