@@ -75,10 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--marigold-steps", type=int, default=10, help="UNet calls of the Marigold-style loop (0: off)")
     parser.add_argument("--no-reference", action="store_true", help="skip the official-design reference path")
     parser.add_argument("--no-bare", action="store_true", help="skip the stock diffusers floor and capture overhead")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the pipeline timings (model forward only)")
     parser.add_argument("--train-modes", nargs="*", choices=TRAIN_MODES, default=[], help="training step measurements")
     parser.add_argument("--train-resolution", type=int, default=480, help="training crop side")
     parser.add_argument("--train-batch-size", type=int, default=1, help="training batch size")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (model + inputs)")
+    parser.add_argument("--contiguous", action="store_true",
+                        help="keep the default (NCHW) memory format for inference; without either flag, inference "
+                             "uses the library's default, `use_fast_memory_format` (channels_last on CPU)")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (measured after warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "vpd_hf_benchmark_models")
@@ -255,7 +259,9 @@ def build_and_save(args: argparse.Namespace, task: str) -> None:
     (out / "benchmark_ready").write_text("ok")
 
 
-def load_model(args: argparse.Namespace, task: str, dtype, device: str):
+def load_model(args: argparse.Namespace, task: str, dtype, device: str, inference: bool = True):
+    """The saved model in `dtype` on `device`; for inference in the memory format the pipelines use
+    (`use_fast_memory_format`) unless `--channels-last` / `--contiguous` say otherwise."""
     import torch
 
     import vpd_hf
@@ -264,7 +270,16 @@ def load_model(args: argparse.Namespace, task: str, dtype, device: str):
     model = vpd_hf.TASK_MODEL_CLASSES[task].from_pretrained(model_path(args, task), dtype=dtype).to(device).eval()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    elif inference and not args.contiguous:
+        model.use_fast_memory_format()
     return model, time.perf_counter() - start
+
+
+def is_channels_last(model) -> bool:
+    import torch
+
+    weight = model.vpd.unet.conv_in.weight
+    return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
 class TaskRunner:
@@ -288,7 +303,7 @@ class TaskRunner:
         generator = torch.Generator().manual_seed(batch * 100003 + side)
         pixels = torch.rand(batch, 3, side, side, generator=generator) * 2 - 1
         pixels = pixels.to(self.device, self.dtype)
-        return pixels.contiguous(memory_format=torch.channels_last) if self.args.channels_last else pixels
+        return pixels.contiguous(memory_format=torch.channels_last) if is_channels_last(self.model) else pixels
 
     def forward(self, pixels):
         """The model's single-pass output (depth map / logits)."""
@@ -349,6 +364,7 @@ class TaskRunner:
 
     def pipeline(self, side: int):
         import numpy as np
+        import torch
         from PIL import Image
         from transformers import pipeline
 
@@ -361,11 +377,14 @@ class TaskRunner:
         if self.task == "referring":
             processor = vpd_hf.VPDProcessor.from_pretrained(path)
             processor.image_processor.size = size
-            pipe = pipeline("referring-image-segmentation", model=self.model, processor=processor, device=device)
-            return lambda images: pipe(images, text=TEXT), image
-        image_processor = vpd_hf.VPDImageProcessor.for_task(self.task, size=size)
-        name = "depth-estimation" if self.task == "depth" else "image-segmentation"
-        pipe = pipeline(name, model=self.model, image_processor=image_processor, device=device, dtype=self.dtype)
+            referring = pipeline("referring-image-segmentation", model=self.model, processor=processor, device=device)
+            pipe = lambda images, **kwargs: referring(images, text=TEXT, **kwargs)  # noqa: E731
+        else:
+            image_processor = vpd_hf.VPDImageProcessor.for_task(self.task, size=size)
+            name = "depth-estimation" if self.task == "depth" else "image-segmentation"
+            pipe = pipeline(name, model=self.model, image_processor=image_processor, device=device, dtype=self.dtype)
+        if self.args.contiguous:  # the pipelines apply the library's default format; --contiguous measures without
+            self.model.to(memory_format=torch.contiguous_format)
         return pipe, image
 
 
@@ -398,6 +417,7 @@ def inference_worker(args: argparse.Namespace, task: str, dtype_name: str) -> di
                               "load_peak_memory_gb": load_peak_gb}  # fmt: skip
     result["vae_dtype"] = str(model.vpd.vae.encoder.conv_in.weight.dtype).replace("torch.", "")
     result["threads"] = torch.get_num_threads()
+    result["memory_format"] = "channels_last" if is_channels_last(model) else "contiguous"
 
     with torch.inference_mode():
         # 1. the vpd_hf forward over batch sizes and resolutions, then the pipeline
@@ -409,9 +429,9 @@ def inference_worker(args: argparse.Namespace, task: str, dtype_name: str) -> di
                 timing["images_per_s"] = batch / timing["median_s"]
                 result["model"][f"{side}x{batch}"] = timing
         side = args.resolutions[0]
-        pipe, image = runner.pipeline(side)
         result["pipeline"] = {}
-        for batch in args.batch_sizes:
+        pipe, image = runner.pipeline(side) if not args.no_pipeline else (None, None)
+        for batch in args.batch_sizes if not args.no_pipeline else ():
             images = [image] * batch if batch > 1 else image
             kwargs = {"batch_size": batch} if batch > 1 else {}
             timing = timed(lambda i=images, k=kwargs: pipe(i, **k), repeats, warmup, device)
@@ -444,6 +464,8 @@ def inference_worker(args: argparse.Namespace, task: str, dtype_name: str) -> di
             vae.load_state_dict(model.vpd.vae.state_dict(), strict=False)
             del vae.decoder
             unet, vae = unet.to(device, dtype).eval(), vae.to(device, dtype).eval()
+            if is_channels_last(model):  # the floor in the same memory format as the model
+                unet, vae = unet.to(memory_format=torch.channels_last), vae.to(memory_format=torch.channels_last)
             conditioning = runner.unet_conditioning(model.vpd.encode_images(pixels))
             timestep = torch.ones(1, dtype=torch.long, device=device)
 
@@ -514,7 +536,7 @@ def training_worker(args: argparse.Namespace, task: str, mode: str) -> dict[str,
     if args.threads:
         torch.set_num_threads(args.threads)
     reset_peak_memory(device)
-    model, _ = load_model(args, task, torch.float32, device)
+    model, _ = load_model(args, task, torch.float32, device, inference=False)
     model.train()
     if mode == "checkpointing":
         model.gradient_checkpointing_enable()

@@ -323,6 +323,17 @@ class VPDPreTrainedModel(PreTrainedModel):
                 if buffer is not None and not buffer.is_floating_point():
                     module._buffers[name] = buffer.clone()
 
+    def use_fast_memory_format(self) -> VPDPreTrainedModel:
+        r"""
+        On the CPU, puts the weights in channels_last memory format, which oneDNN's convolutions run much faster
+        (SD-1.5 size, 512x512, 2-core CPU: bf16 4.3 -> 2.2 s, fp32 10.2 -> 8.1 s per image; BENCHMARKS.md). The
+        values, `state_dict()` and saved checkpoints are unchanged. Elsewhere a no-op (not measured on GPUs). The
+        pipelines and `vpd-hf predict` call it; call it yourself for direct CPU inference.
+        """
+        if self.device.type == "cpu":
+            self.to(memory_format=torch.channels_last)
+        return self
+
     def apply_frozen_parts(self) -> VPDPreTrainedModel:
         """Freezes what VPD never trains: the VAE encoder, and the text encoder unless `config.train_text_encoder`."""
         for module in self.modules():

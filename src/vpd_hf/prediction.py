@@ -282,7 +282,7 @@ class Predictor:
         loading = {"local_files_only": source.local_files_only}
         model_class = TASK_MODEL_CLASSES[task]
         self.model = model_class.from_pretrained(source.reference, dtype=dtype, use_safetensors=True, **loading)
-        self.model = self.model.to(self.device).eval()
+        self.model = self.model.to(self.device).eval().use_fast_memory_format()
         processor_class = VPDProcessor if task == "referring" else VPDImageProcessor
         self.processor = processor_class.from_pretrained(source.reference, **loading)
         self.image_processor = self.processor.image_processor if task == "referring" else self.processor

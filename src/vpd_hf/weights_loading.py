@@ -34,6 +34,7 @@ HUB_KWARGS = (
 PASSED_KWARGS = (
     "config",
     "adapter_kwargs",
+    "use_safetensors",
     "dtype",
     "output_loading_info",
     "_from_pipeline",
@@ -53,6 +54,7 @@ def casts_on_load(pretrained_model_name_or_path: Any, model_args: tuple, kwargs:
         and isinstance(dtype, torch.dtype)
         and dtype.is_floating_point
         and set(kwargs) <= {*HUB_KWARGS, *PASSED_KWARGS}
+        and kwargs.get("use_safetensors") in (None, True)  # only safetensors are read here
         and (kwargs.get("config") is None or isinstance(kwargs["config"], PreTrainedConfig))
         # the Auto classes pass `adapter_kwargs={"revision": None}` (for PEFT adapter folders, which have no weights)
         and not any(value is not None for value in (kwargs.get("adapter_kwargs") or {}).values())

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import Pipeline
 
-from .vision import load_pipeline_image, pack_images, unpack_images
+from .vision import load_pipeline_image, pack_images, unpack_images, use_fast_memory_format
 
 
 class ReferringImageSegmentationPipeline(Pipeline):
@@ -37,6 +37,10 @@ class ReferringImageSegmentationPipeline(Pipeline):
     _load_image_processor = False
     _load_feature_extractor = False
     _load_tokenizer = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        use_fast_memory_format(self.model)
 
     def _sanitize_parameters(
         self, text: Any = None, threshold: float | None = None, timeout: float | None = None, **kwargs: Any

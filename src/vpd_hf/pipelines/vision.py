@@ -65,8 +65,20 @@ def _is_vpd(pipeline: Any) -> bool:
     return isinstance(pipeline.image_processor, VPDImageProcessor)
 
 
+def use_fast_memory_format(model: Any) -> None:
+    """`VPDPreTrainedModel.use_fast_memory_format` for VPD models (channels_last on the CPU); others are left alone."""
+    from ..modeling_vpd import VPDPreTrainedModel
+
+    if isinstance(model, VPDPreTrainedModel):
+        model.use_fast_memory_format()
+
+
 class VPDDepthEstimationPipeline(DepthEstimationPipeline):
     """transformers' `depth-estimation` pipeline with mixed-size batches for VPD models (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        use_fast_memory_format(self.model)
 
     def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, Any]:
         if not _is_vpd(self):
@@ -89,6 +101,10 @@ class VPDDepthEstimationPipeline(DepthEstimationPipeline):
 
 class VPDImageSegmentationPipeline(ImageSegmentationPipeline):
     """transformers' `image-segmentation` pipeline with mixed-size batches for VPD models (semantic segmentation)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        use_fast_memory_format(self.model)
 
     def preprocess(self, image: Any, subtask: str | None = None, timeout: float | None = None) -> dict[str, Any]:
         if not _is_vpd(self):
