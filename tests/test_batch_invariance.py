@@ -296,3 +296,35 @@ def test_depth_pipeline_draws_a_constant_depth_map():
     assert picture.size == (7, 5) and not np.asarray(picture).any()
     ramp = np.asarray(depth_picture(torch.linspace(1, 3, 7).expand(5, 7)))
     assert ramp[0, 0] == 0 and ramp[0, -1] == 255
+
+
+# -- vpd-hf predict / vpd_hf.prediction ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["depth", "segmentation", "referring"])
+def test_vpd_hf_predict_writes_the_same_files_whatever_the_batch_size(pipeline_folders, tmp_path, capsys, task):
+    """The issue's report: `--batch-size 2` moved depth by metres against `--batch-size 1`."""
+    from vpd_hf import cli
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index, image in enumerate(images(7)):
+        image.save(folder / f"photo{index}.png")
+    written = {}
+    for batch_size in (1, 2, 8):
+        out = tmp_path / f"out{batch_size}"
+        argv = ["predict", "--task", task, "--model", str(pipeline_folders[task]), str(folder), "--output", str(out),
+                "--batch-size", str(batch_size), "--no-progress"]  # fmt: skip
+        if task == "referring":
+            argv += ["--text", "the left box", "--text", "a red sphere"]
+        assert cli.main(argv) == 0
+        capsys.readouterr()
+        written[batch_size] = {p.name: np.asarray(Image.open(p)).astype(np.int64) for p in sorted(out.glob("*.png"))}
+    assert len(written[1]) == len(SIZES) * (2 if task != "referring" else 4)
+    for batch_size in (2, 8):
+        assert written[batch_size].keys() == written[1].keys()
+        for name, single in written[1].items():
+            batched = written[batch_size][name]
+            # 16-bit millimetres and colour maps may round the last unit differently; labels and masks are equal
+            tolerance = 1 if name.endswith(("depth16.png", "depth.png")) else 0
+            assert np.abs(batched - single).max() <= tolerance, (batch_size, name)
