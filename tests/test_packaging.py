@@ -92,7 +92,18 @@ def test_benchmark_harness_smoke(tmp_path):
     assert report["environment"]["torch"] and report["command"].startswith("benchmark.py")
 
 
-@pytest.mark.parametrize("script", ["quickstart.py", "train.py", "evaluate.py", "benchmark.py", "depth_demo.py"])
+@pytest.mark.parametrize(
+    "script",
+    [
+        "quickstart.py",
+        "train.py",
+        "evaluate.py",
+        "benchmark.py",
+        "depth_demo.py",
+        "measure_loading.py",
+        "profile_paths.py",
+    ],
+)
 def test_scripts_explain_themselves(script):
     """`scripts/evaluate.py` shares the `evaluate` library's name and sits first on every script's import path:
     vpd_hf must still import the real library."""
