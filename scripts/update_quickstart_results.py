@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Keeps the README's quickstart numbers and pictures true to the code.
+
+    python scripts/update_quickstart_results.py           # rerun everything (about 10 min on 2 CPU cores) and rewrite
+    python scripts/update_quickstart_results.py --check   # does the README table match docs/quickstart_results.json?
+
+The update runs `scripts/quickstart.py` for the three tasks as a newcomer would (the README's numbers and wall times),
+copies their pictures to `docs/`, runs each task once more in a reduced, single-threaded setting, writes all of it to
+`docs/quickstart_results.json`, and rewrites the README table from that record. The tests check that the README table
+is the record's, and rerun the reduced setting against the record: a change that moves the quickstart's numbers fails
+them until this script is rerun, so the README is regenerated in the same commit as the change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORD = ROOT / "docs" / "quickstart_results.json"
+README = ROOT / "README.md"
+TASKS = ("depth", "segmentation", "referring")
+# Small enough to rerun in the test suite (seconds per task), on one thread: bitwise reproducible on a given machine.
+REDUCED_ARGS = ["--size", "64", "--num-train", "16", "--num-eval", "8", "--steps", "8", "--batch-size", "4",
+                "--examples", "1"]  # fmt: skip
+START, END = "<!-- quickstart-table:start -->", "<!-- quickstart-table:end -->"
+
+
+def run_quickstart(task: str, output: Path, extra: list[str], threads: int | None = None) -> tuple[dict, float]:
+    """Runs `scripts/quickstart.py` in a fresh process; returns its results.json and its wall time."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    command = [sys.executable, str(ROOT / "scripts" / "quickstart.py"), "--task", task, "--output", str(output), *extra]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env=env, cwd=ROOT)
+    results = json.loads((output / task / "results.json").read_text())
+    return results, time.perf_counter() - started
+
+
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {round(seconds % 60):02d} s"
+
+
+def readme_table(record: dict) -> str:
+    """The README's quickstart table, from the record."""
+    full = record["full"]
+    depth, seg, ref = (full[task] for task in TASKS)
+    dm, sm, rm = depth["metrics"], seg["metrics"], ref["metrics"]
+    rows = [
+        "| `--task` | steps | metric on the held-out scenes | trained tiny VPD | trivial baseline | wall time |",
+        "|---|---|---|---|---|---|",
+        f"| `depth` (default) | {depth['steps']} | RMSE (m) over {dm['num_images']} images, lower is better | "
+        f"**{dm['rmse']:.3f}** (δ1 {dm['d1']:.3f}, AbsRel {dm['abs_rel']:.3f}) | "
+        f"{depth['baseline']['rmse']:.3f} (mean depth of the training set) | {minutes(depth['wall_time_s'])} |",
+        f"| `segmentation` | {seg['steps']} | mIoU, {len(sm['per_category_iou'])} classes | "
+        f"**{sm['mean_iou']:.3f}** (aAcc {sm['overall_accuracy']:.3f}) | "
+        f"{seg['baseline']['mean_iou']:.3f} (majority class) | {minutes(seg['wall_time_s'])} |",
+        f"| `referring` | {ref['steps']} | oIoU over {rm['num_expressions']} expressions | "
+        f"**{rm['overall_iou']:.3f}** (mIoU {rm['mean_iou']:.3f}, P@0.5 {rm['precision@0.5']:.3f}) | "
+        f"{ref['baseline']['overall_iou']:.3f} (empty mask) | {minutes(ref['wall_time_s'])} |",
+    ]
+    return "\n".join(rows)
+
+
+def readme_with_table(readme: str, record: dict) -> str:
+    if START not in readme or END not in readme:
+        raise ValueError(f"README.md has no {START} ... {END} block for the quickstart table.")
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{readme_table(record)}\n{END}{tail}"
+
+
+def check() -> int:
+    record = json.loads(RECORD.read_text())
+    readme = README.read_text()
+    if readme_with_table(readme, record) != readme:
+        print(f"README.md's quickstart table differs from {RECORD.relative_to(ROOT)}: run {Path(__file__).name}.")
+        return 1
+    print("README.md's quickstart table matches the record.")
+    return 0
+
+
+def update() -> int:
+    import torch
+
+    record: dict = {
+        "command": f"python scripts/{Path(__file__).name}",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "full": {},
+        "reduced": {"args": REDUCED_ARGS, "threads": 1, "results": {}},
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        for task in TASKS:
+            results, seconds = run_quickstart(task, Path(folder) / "full", [])
+            record["full"][task] = {**results, "wall_time_s": round(seconds, 1)}
+            source = Path(folder) / "full" / task
+            shutil.copyfile(source / "examples.png", ROOT / "docs" / f"quickstart_{task}.png")
+            if task == "depth":
+                shutil.copyfile(source / "training_curve.png", ROOT / "docs" / "quickstart_depth_curve.png")
+            reduced, _ = run_quickstart(task, Path(folder) / "reduced", REDUCED_ARGS, threads=1)
+            record["reduced"]["results"][task] = reduced
+    RECORD.write_text(json.dumps(record, indent=2) + "\n")
+    README.write_text(readme_with_table(README.read_text(), record))
+    print(f"wrote {RECORD.relative_to(ROOT)}, the README table and the pictures in docs/")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only check the README table against the record")
+    return check() if parser.parse_args().check else update()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
