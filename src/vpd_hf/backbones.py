@@ -40,21 +40,31 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Published diffusers configs (`unet/config.json`, non-default entries) of the other supported families; every other
-# constructor argument takes the diffusers default. `stabilityai/stable-diffusion-2-1`:
-SD21_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 96,
+# Stable Diffusion 1.5 component configs (the non-default entries of `unet/config.json` and `vae/config.json` of
+# `stable-diffusion-v1-5/stable-diffusion-v1-5`); every other argument takes the diffusers default.
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
     "in_channels": 4,
     "out_channels": 4,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "block_out_channels": [320, 640, 1280, 1280],
     "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+
+# Published diffusers configs (`unet/config.json`, non-default entries) of the other supported families; every other
+# constructor argument takes the diffusers default. `stabilityai/stable-diffusion-2-1`: SD 1.5's layout with per-block
+# head dims, linear projections and a 1024-wide context.
+SD21_UNET_CONFIG: dict[str, Any] = {
+    **SD15_UNET_CONFIG,
+    "sample_size": 96,
     "cross_attention_dim": 1024,
     "attention_head_dim": [5, 10, 20, 20],
     "use_linear_projection": True,
     "upcast_attention": True,
-    "norm_num_groups": 32,
 }
 
 # `stabilityai/stable-diffusion-xl-base-1.0`:

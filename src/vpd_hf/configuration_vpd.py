@@ -7,25 +7,10 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from .backbones import NUM_TAPS, SD15_VAE_CONFIG, BackboneLayout, backbone_layout
+from .backbones import NUM_TAPS, SD15_UNET_CONFIG, SD15_VAE_CONFIG, BackboneLayout, backbone_layout
 
 # The Stable Diffusion checkpoint VPD was built on (the official code's `v1-5-pruned-emaonly`), on the Hub.
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-
-# Stable Diffusion 1.5 component configs (the non-default entries of `unet/config.json` and `vae/config.json` of
-# `stable-diffusion-v1-5/stable-diffusion-v1-5`); every other argument takes the diffusers default.
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
 
 
 # The UNet levels whose cross-attention maps VPD can use, named by their map size for a 512x512 input
