@@ -5,16 +5,11 @@ import torch
 from transformers import pipeline
 
 import vpd_hf
-from vpd_hf.testing_utils import tiny_referring_config, tiny_segmentation_config, tiny_vpd_config
+from vpd_hf.testing_utils import perturb_weights, tiny_referring_config, tiny_segmentation_config, tiny_vpd_config
 
 
 def perturbed(model):
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.05)
-    return model.eval()
+    return perturb_weights(model, 0.05).eval()
 
 
 @pytest.mark.parametrize("task", ["depth", "segmentation", "referring"])

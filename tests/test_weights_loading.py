@@ -10,16 +10,11 @@ from transformers import AutoModelForDepthEstimation, AutoModelForSemanticSegmen
 
 import vpd_hf
 import vpd_hf.weights_loading as weights_loading
-from vpd_hf.testing_utils import tiny_referring_config, tiny_segmentation_config, tiny_vpd_config
+from vpd_hf.testing_utils import perturb_weights, tiny_referring_config, tiny_segmentation_config, tiny_vpd_config
 
 
 def perturbed(model):
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.01)
-    return model
+    return perturb_weights(model, 0.01)
 
 
 @pytest.fixture(scope="module")

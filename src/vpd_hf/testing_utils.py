@@ -287,6 +287,17 @@ def tiny_clip_text_config(vocab_size: int, hidden_size: int = 32, projection_dim
     return CLIPTextConfig(**kwargs)
 
 
+def perturb_weights(model: torch.nn.Module, scale: float, seed: int = 0) -> torch.nn.Module:
+    """Adds `scale` x N(0, 1) noise to every floating tensor of the state dict (a fresh model has zero prompt tables and
+    constant norms, which would hide differences); returns the model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.randn(tensor.shape, generator=generator) * scale)
+    return model
+
+
 def save_tiny_stable_diffusion(directory: str | Path, seed: int = 0, family: str = "sd15") -> Path:
     r"""
     Writes a tiny random Stable Diffusion checkpoint in the diffusers Hub layout and returns its path.
@@ -356,6 +367,7 @@ __all__ = [
     "TINY_SEGMENTATION_HEAD",
     "TINY_UNET_CONFIG",
     "TINY_VAE_CONFIG",
+    "perturb_weights",
     "save_tiny_clip_tokenizer",
     "save_tiny_stable_diffusion",
     "tiny_clip_text_config",
