@@ -64,6 +64,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-eval", type=int, default=48, help="synthetic evaluation images")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the task's setting)")
     parser.add_argument("--batch-size", type=int, default=8, help="training batch size")
+    parser.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (default: the task's)")
     parser.add_argument("--examples", type=int, default=4, help="example predictions to draw")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, model and training")
     return parser.parse_args()
@@ -161,6 +162,8 @@ def main() -> None:
     settings = dict(SETTINGS[args.task])
     if args.steps is not None:
         settings["max_steps"] = args.steps
+    if args.learning_rate is not None:
+        settings["learning_rate"] = args.learning_rate
     config = TrainConfig(
         task=args.task,
         model="tiny-random",
@@ -203,7 +206,15 @@ def main() -> None:
     plot_curve([(h["step"], h["loss"]) for h in history], title=f"training loss ({args.task})").save(
         output / "training_curve.png"
     )
-    report = {"task": args.task, "metrics": metrics, "baseline": trivial, "steps": result["global_step"]}
+    # the logged training losses too: continuous, where the metrics of a barely trained model flip on ties
+    losses = [[h["step"], h["loss"]] for h in history if "loss" in h]
+    report = {
+        "task": args.task,
+        "metrics": metrics,
+        "baseline": trivial,
+        "steps": result["global_step"],
+        "losses": losses,
+    }
     (output / "results.json").write_text(json.dumps(report, indent=2, default=_jsonable))
     if args.task != "referring":
         VPDImageProcessor.from_pretrained(config.output_dir)  # the processor reloads too

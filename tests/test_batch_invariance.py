@@ -29,9 +29,10 @@ def perturb(model, seed=0):
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if tensor.is_floating_point() and "running_var" not in name:
-                tensor.copy_(
-                    torch.randn(tensor.shape, generator=generator) * (tensor.std() if tensor.numel() > 1 else 1)
-                )
+                # constant tensors (norm weights, zero-initialised output layers) get unit noise: scaled by their
+                # std of 0 they would become zeros, and a model whose output layer is zero predicts a constant
+                spread = float(tensor.std()) if tensor.numel() > 1 else 0.0
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * (spread if spread > 0 else 1.0))
                 if "prompt_embeddings" in name or name.endswith("gamma"):
                     tensor.normal_(generator=generator)
     return model.eval()
@@ -46,6 +47,12 @@ def images(seed=0):
 def processor():
     # shortest edge 48 (longest at most 160): padded sizes 64x128, 128x64, 64x64, 64x192, ...
     return VPDImageProcessor(size={"shortest_edge": 48, "longest_edge": 160})
+
+
+@pytest.fixture(scope="module")
+def keeping():
+    """A processor that keeps each image's size (only pads to 64): the images of SIZES get seven padded sizes."""
+    return VPDImageProcessor(do_resize=False)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +157,9 @@ def seg_model_scores(processor, outputs, index, size):
 
 
 @pytest.mark.parametrize("batch_size", [2, 8])
-def test_referring_model_is_batch_invariant(ref_model, processor, batch_size):
+@pytest.mark.parametrize("preprocessing", ["processor", "keeping"])
+def test_referring_model_is_batch_invariant(ref_model, request, preprocessing, batch_size):
+    processor = request.getfixturevalue(preprocessing)
     generator = torch.Generator().manual_seed(0)
     texts = torch.randint(0, 700, (len(SIZES), 2, 8), generator=generator)  # two expressions per image
     pictures = images(2)
@@ -164,12 +173,84 @@ def test_referring_model_is_batch_invariant(ref_model, processor, batch_size):
             outputs = ref_model(**inputs, input_ids=input_ids, image_indices=image_indices)
         sizes = [batch[i].size[::-1] for i in image_indices.tolist()]
         results = processor.post_process_referring_segmentation(outputs, target_sizes=sizes)
-        probabilities = [r["probabilities"] for r in results]
-        return [torch.stack(probabilities[2 * i : 2 * i + 2]) for i in range(len(batch))]
+        return [
+            {key: torch.stack([r[key] for r in results[2 * i : 2 * i + 2]]) for key in ("probabilities", "mask")}
+            for i in range(len(batch))
+        ]
 
     single, batched = _single_and_batched(run, pictures, batch_size)
     for a, b in zip(single, batched, strict=True):
-        fp32_close(b, a)
+        fp32_close(b["probabilities"], a["probabilities"])
+        assert torch.equal(b["mask"], a["mask"])
+
+
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_segmentation_and_depth_are_batch_invariant_with_a_size_keeping_processor(
+    seg_model, depth_model, keeping, batch_size
+):
+    def run(batch):
+        inputs = keeping(images=batch, return_tensors="pt")
+        with torch.no_grad():
+            seg, depth = seg_model(**inputs), depth_model(**inputs)
+        depths = keeping.post_process_depth_estimation(depth)
+        labels = keeping.post_process_semantic_segmentation(seg)
+        return [
+            {
+                "scores": seg_model_scores(keeping, seg, i, None),
+                "labels": labels[i],
+                "depth": depths[i]["predicted_depth"],
+            }
+            for i in range(len(batch))
+        ]
+
+    single, batched = _single_and_batched(run, images(8), batch_size)
+    for a, b in zip(single, batched, strict=True):
+        fp32_close(b["scores"], a["scores"])
+        fp32_close(b["depth"], a["depth"])
+        assert torch.equal(b["labels"], a["labels"])
+
+
+def test_post_processing_crops_each_image_to_its_own_grid():
+    """The issue's repro: the same 1/8 logits alone, and zero-padded into a batch grid four times larger."""
+    logits = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    alone = {"logits": logits, "pixel_mask": torch.ones(1, 64, 64, dtype=torch.long)}
+    padded_mask = torch.zeros(1, 256, 256, dtype=torch.long)
+    padded_mask[:, :64, :60] = 1  # the image: 64 x 60, padded to 64 x 64 when alone
+    alone_cropped = {"logits": logits, "pixel_mask": padded_mask[:, :64, :64]}
+    in_batch = {"logits": torch.nn.functional.pad(logits, (0, 24, 0, 24)), "pixel_mask": padded_mask}
+    processor = VPDImageProcessor()
+    official = torch.nn.functional.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=True)
+    expected = official.softmax(dim=1)[0, 1]
+    got = processor.post_process_referring_segmentation(alone)[0]["probabilities"]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)  # the official result for one unpadded image
+    for outputs in (alone_cropped, in_batch):
+        got = processor.post_process_referring_segmentation(outputs)[0]["probabilities"]
+        torch.testing.assert_close(got, expected[:, :60], rtol=0, atol=1e-6)
+    seg_alone = processor._scores_to_target(logits, alone_cropped["pixel_mask"][0], None)
+    seg_batch = processor._scores_to_target(in_batch["logits"], padded_mask[0], None)
+    torch.testing.assert_close(seg_batch, seg_alone, rtol=0, atol=1e-6)
+
+
+def test_referring_loss_does_not_depend_on_the_batch(keeping):
+    """Training on mixed sizes: each expression's loss is the one it has alone (labels upsampled on its own grid)."""
+    torch.manual_seed(0)
+    model = perturb(vpd_hf.VPDModelForReferringSegmentation(tiny_referring_config(token_length=8)))
+    pictures = images(9)[:3]
+    input_ids = torch.randint(0, 700, (3, 8), generator=torch.Generator().manual_seed(1))
+    rng = np.random.default_rng(0)
+    masks = [rng.integers(0, 2, (image.size[1], image.size[0])) for image in pictures]
+
+    def loss_of(indices):
+        inputs = keeping(images=[pictures[i] for i in indices], segmentation_maps=[masks[i] for i in indices],
+                         return_tensors="pt")  # fmt: skip
+        with torch.no_grad():
+            return model(**inputs, input_ids=input_ids[indices]).loss
+
+    # the class-weighted mean over all pixels of a batch, from the losses and weights alone
+    weights = torch.tensor(model.config.referring_loss_weights)
+    alone = [(loss_of([i]), weights[torch.as_tensor(masks[i])].sum()) for i in range(3)]
+    expected = sum(loss * weight for loss, weight in alone) / sum(weight for _, weight in alone)
+    torch.testing.assert_close(loss_of([0, 1, 2]), expected, rtol=1e-5, atol=0)
 
 
 def test_training_on_mixed_sizes_backpropagates_through_the_groups(depth_model, processor):
@@ -197,10 +278,19 @@ def test_training_on_mixed_sizes_backpropagates_through_the_groups(depth_model, 
 @pytest.fixture(scope="module")
 def pipeline_folders(tiny_sd_dir, tmp_path_factory, processor):
     """Saved depth, segmentation and referring models from the tiny SD folder, with the small-size processor."""
+    return save_task_folders(tiny_sd_dir, tmp_path_factory.mktemp("pipelines"), processor)
+
+
+@pytest.fixture(scope="module")
+def size_keeping_folders(tiny_sd_dir, tmp_path_factory, keeping):
+    """The same models with a processor that keeps each image's size (the case the resizing presets hide)."""
+    return save_task_folders(tiny_sd_dir, tmp_path_factory.mktemp("size_keeping"), keeping)
+
+
+def save_task_folders(tiny_sd_dir, root, processor):
     from vpd_hf import VPDProcessor
     from vpd_hf.testing_utils import TINY_DEPTH_HEAD, TINY_SEGMENTATION_HEAD
 
-    root = tmp_path_factory.mktemp("pipelines")
     models = {
         "depth": vpd_hf.VPDModelForDepthEstimation.from_stable_diffusion(
             tiny_sd_dir, show_progress=False, **TINY_DEPTH_HEAD
@@ -213,17 +303,26 @@ def pipeline_folders(tiny_sd_dir, tmp_path_factory, processor):
         ),
     }
     folders = {}
+    tokenizer = VPDProcessor.from_stable_diffusion(tiny_sd_dir, token_length=8).tokenizer
     for task, model in models.items():
         folders[task] = root / task
         perturb(model, seed=3)
         model.config.semantic_inference_mode = "whole"  # one pass: the size grouping of the model is what is tested
-        model.save_pretrained(folders[task])
         if task == "referring":
-            tokenizer = VPDProcessor.from_stable_diffusion(tiny_sd_dir, token_length=8).tokenizer
-            VPDProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folders[task])
-        else:
-            processor.save_pretrained(folders[task])
+            processor = VPDProcessor(image_processor=processor, tokenizer=tokenizer)
+            centre_referring_logits(model, processor)
+        model.save_pretrained(folders[task])
+        processor.save_pretrained(folders[task])
     return folders
+
+
+def centre_referring_logits(model, processor):
+    """Shifts the foreground bias so that about half of the pixels of a test image are foreground: the masks then
+    have edges, where a change of the probabilities shows (a random head predicts all-background)."""
+    inputs = processor(images=images(7)[0], text="the left box", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        model.decoder.conv1_1.bias[1] -= float((logits[:, 1] - logits[:, 0]).median())
 
 
 def test_depth_pipeline_batches_mixed_sizes(pipeline_folders):
@@ -259,10 +358,11 @@ def test_segmentation_pipeline_batches_mixed_sizes(pipeline_folders):
             np.testing.assert_array_equal(label_map(b), a)
 
 
-def test_referring_pipeline_batches_images_with_several_expressions(pipeline_folders):
+@pytest.mark.parametrize("folders", ["pipeline_folders", "size_keeping_folders"])
+def test_referring_pipeline_batches_images_with_several_expressions(request, folders):
     from transformers import pipeline
 
-    segmenter = pipeline("referring-image-segmentation", model=str(pipeline_folders["referring"]))
+    segmenter = pipeline("referring-image-segmentation", model=str(request.getfixturevalue(folders)["referring"]))
     pictures = images(6)[:5]
     requests = [
         {"image": image, "text": ["the left box", "a red sphere"][: 1 + i % 2]} for i, image in enumerate(pictures)
@@ -302,9 +402,13 @@ def test_depth_pipeline_draws_a_constant_depth_map():
 
 
 @pytest.mark.parametrize("task", ["depth", "segmentation", "referring"])
-def test_vpd_hf_predict_writes_the_same_files_whatever_the_batch_size(pipeline_folders, tmp_path, capsys, task):
-    """The issue's report: `--batch-size 2` moved depth by metres against `--batch-size 1`."""
+@pytest.mark.parametrize("folders", ["pipeline_folders", "size_keeping_folders"])
+def test_vpd_hf_predict_writes_the_same_files_whatever_the_batch_size(request, folders, tmp_path, capsys, task):
+    """The issue's report: `--batch-size 2` moved depth by metres against `--batch-size 1`; with a size-keeping
+    processor, referring masks moved at 13-16 % of the pixels."""
     from vpd_hf import cli
+
+    pipeline_folders = request.getfixturevalue(folders)
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -321,6 +425,9 @@ def test_vpd_hf_predict_writes_the_same_files_whatever_the_batch_size(pipeline_f
         capsys.readouterr()
         written[batch_size] = {p.name: np.asarray(Image.open(p)).astype(np.int64) for p in sorted(out.glob("*.png"))}
     assert len(written[1]) == len(SIZES) * (2 if task != "referring" else 4)
+    if task == "referring":  # masks with edges: a change of the probabilities can show
+        pixels = np.concatenate([m.ravel() for name, m in written[1].items() if "mask" in name])
+        assert 0.05 < float((pixels > 0).mean()) < 0.95
     for batch_size in (2, 8):
         assert written[batch_size].keys() == written[1].keys()
         for name, single in written[1].items():

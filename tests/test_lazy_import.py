@@ -42,6 +42,13 @@ def test_vpd_hf_help_does_not_import_torch():
     assert last == "heavy: []"
 
 
+def test_vpd_hf_train_without_arguments_prints_its_usage_without_torch():
+    """It printed its usage after about 5 s of imports; now as fast as `--help` (`vpd_hf.training` is lazy too)."""
+    code = "import sys; from vpd_hf.cli import main\nstatus = main(['train'])\n"
+    code += f"print('status', status, 'heavy:', [name for name in {list(HEAVY)!r} if name in sys.modules])"
+    assert python(code) == "status 2 heavy: []"
+
+
 @pytest.fixture(scope="module")
 def depth_folder(tmp_path_factory):
     import vpd_hf

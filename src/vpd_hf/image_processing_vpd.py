@@ -400,23 +400,39 @@ class VPDImageProcessor(PilBackend):
         width = int(mask.any(dim=0).sum())
         return prediction[..., :height, :width]
 
-    @classmethod
+    def _own_grid(self, pixel_mask: torch.Tensor) -> tuple[int, int]:
+        """The input grid `(H, W)` the image of `pixel_mask` `(H_batch, W_batch)` has when processed alone: its size
+        padded to `size_divisor` (never beyond the batch grid)."""
+        height = int(pixel_mask.any(dim=1).sum())
+        width = int(pixel_mask.any(dim=0).sum())
+        divisor = self.size_divisor if isinstance(self.size_divisor, int) and self.size_divisor > 0 else 1
+        return (
+            min(pixel_mask.shape[-2], math.ceil(height / divisor) * divisor),
+            min(pixel_mask.shape[-1], math.ceil(width / divisor) * divisor),
+        )
+
     def _scores_to_target(
-        cls,
+        self,
         scores: torch.Tensor,
         pixel_mask: torch.Tensor | None,
         target_size: tuple[int, int] | None,
         align_corners: bool = False,
     ) -> torch.Tensor:
-        """`(1, C, h, w)` scores -> the input grid (upsampled when coarser than `pixel_mask`), the image region of
-        `pixel_mask`, then `target_size`; all bilinear."""
+        """`(1, C, h, w)` scores -> the image's own grid (the cells it has when processed alone, upsampled when coarser
+        than `pixel_mask`), the image region of `pixel_mask`, then `target_size`; all bilinear.
+
+        Cropping to the image's own grid first makes the result independent of the other images of the batch: with
+        `align_corners=True` the sampling positions depend on the size of the grid that is upsampled, and with
+        `align_corners=False` the last rows and columns would read the padding cells of a larger batch grid."""
         scores = scores.float()
         if pixel_mask is not None:
             factor = max(1, round(pixel_mask.shape[-2] / scores.shape[-2]))
+            own_height, own_width = self._own_grid(pixel_mask)
+            scores = scores[..., : math.ceil(own_height / factor), : math.ceil(own_width / factor)]
             if factor > 1:
                 size = (scores.shape[-2] * factor, scores.shape[-1] * factor)
                 scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=align_corners)
-            scores = cls._unpad(scores, pixel_mask)
+            scores = self._unpad(scores, pixel_mask)
         if target_size is not None and tuple(scores.shape[-2:]) != target_size:
             scores = F.interpolate(scores, size=target_size, mode="bilinear", align_corners=align_corners)
         return scores

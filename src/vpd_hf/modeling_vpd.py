@@ -1270,7 +1270,7 @@ class VPDModelForReferringSegmentation(VPDPreTrainedModel):
                 latents = self.vpd.encode_images(pixel_values)
             logits, backbone = self._decode(latents[indices], text_states, (height, width), pooled)
         else:  # images of different sizes: each at its own padded size (see `vpd_hf.batching`)
-            parts, rows = [], []
+            parts, rows, used_groups = [], [], []
             for group in groups:
                 texts = torch.isin(indices, group.indices).nonzero().squeeze(1)
                 if texts.numel() == 0:
@@ -1280,6 +1280,7 @@ class VPDModelForReferringSegmentation(VPDPreTrainedModel):
                 group_pooled = None if pooled is None else pooled[texts]
                 parts.append(self._decode(group_latents[local], text_states[texts], group.size, group_pooled))
                 rows.append(texts)
+                used_groups.append(group)
             size = (math.ceil(height / 8), math.ceil(width / 8))
             logits = merge([part_logits for part_logits, _ in parts], rows, input_ids.shape[0], size=size)
             backbone = _merge_backbone_outputs([out for _, out in parts], rows, input_ids.shape[0])
@@ -1294,7 +1295,18 @@ class VPDModelForReferringSegmentation(VPDPreTrainedModel):
                 )
             if text_pixel_mask is not None:
                 labels = labels.masked_fill(text_pixel_mask == 0, 255)
-            upsampled = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=True)
+            if groups is None:
+                upsampled = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=True)
+            else:  # each group upsampled on its own grid: align_corners=True samples depend on the grid's size
+                upsampled = merge(
+                    [
+                        F.interpolate(part, size=group.size, mode="bilinear", align_corners=True)
+                        for (part, _), group in zip(parts, used_groups, strict=True)
+                    ],
+                    rows,
+                    input_ids.shape[0],
+                    size=(height, width),
+                )
             loss = semantic_cross_entropy(
                 upsampled,
                 labels,
