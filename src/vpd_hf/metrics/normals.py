@@ -26,7 +26,7 @@ from .base import StatisticsMetric, evaluate
 NORMAL_METRIC_NAMES = ("mean", "median", "rmse", "a11.25", "a22.5", "a30")
 NORMAL_THRESHOLDS = (11.25, 22.5, 30.0)
 MEDIAN_BIN_DEGREES = 0.01
-_NUM_BINS = round(180.0 / MEDIAN_BIN_DEGREES)
+NUM_HISTOGRAM_BINS = round(180.0 / MEDIAN_BIN_DEGREES)
 
 
 def _as_normal_maps(values: Any, name: str) -> list[torch.Tensor]:
@@ -66,7 +66,7 @@ def image_normal_statistics(prediction: Any, reference: Any) -> dict[str, Any]:
     """Sufficient statistics of one image: `count`, `sum`, `sum_sq` of the errors, `within` (counts below each of
     :data:`NORMAL_THRESHOLDS`) and the sparse error histogram `bins` / `bin_counts` (bins of MEDIAN_BIN_DEGREES)."""
     errors = angular_errors(prediction, reference)
-    bins = torch.clamp((errors / MEDIAN_BIN_DEGREES).long(), 0, _NUM_BINS - 1)
+    bins = torch.clamp((errors / MEDIAN_BIN_DEGREES).long(), 0, NUM_HISTOGRAM_BINS - 1)
     occupied, counts = torch.unique(bins, return_counts=True)
     return {
         "count": int(errors.numel()),
@@ -92,7 +92,7 @@ class NormalMetricAccumulator:
     def reset(self) -> None:
         self.count, self.sum, self.sum_sq = 0, 0.0, 0.0
         self.within = [0] * len(NORMAL_THRESHOLDS)
-        self.histogram = np.zeros(_NUM_BINS, dtype=np.int64)
+        self.histogram = np.zeros(NUM_HISTOGRAM_BINS, dtype=np.int64)
         self.num_images = 0
 
     def update(self, predictions: Any, references: Any) -> None:
@@ -202,6 +202,7 @@ __all__ = [
     "MEDIAN_BIN_DEGREES",
     "NORMAL_METRIC_NAMES",
     "NORMAL_THRESHOLDS",
+    "NUM_HISTOGRAM_BINS",
     "NormalMetric",
     "NormalMetricAccumulator",
     "angular_errors",
