@@ -72,10 +72,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="training batch size")
     parser.add_argument("--examples", type=int, default=4, help="example predictions to draw")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, model and training")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=DENSE,
+        default=None,
+        help="multitask: the heads (default: all three); one head trains the same pipeline as a single-task model",
+    )
     return parser.parse_args()
 
 
-def baseline(task: str, train_raw, eval_items: list[dict]) -> dict[str, float]:
+def baseline(task: str, train_raw, eval_items: list[dict], tasks: tuple[str, ...] = DENSE) -> dict[str, float]:
     """A trivial predictor's metrics on the same evaluation items: the mean training depth everywhere / the most
     frequent training class everywhere / the mean training normal everywhere / an empty mask. For `multitask`, each
     task's under `{task}/{metric}`."""
@@ -113,7 +120,7 @@ HEADLINE = {"depth": ("rmse", "RMSE (m)", "lower"), "segmentation": ("mean_iou",
             "referring": ("overall_iou", "oIoU", "higher"), "normals": ("mean", "mean angle (deg)", "lower")}  # fmt: skip
 
 
-def draw_examples(task: str, model, eval_items: list[dict], count: int, path: Path) -> None:
+def draw_examples(task: str, model, eval_items: list[dict], count: int, path: Path, tasks: tuple = DENSE) -> None:
     """Input | prediction | ground truth, one row per example."""
     options = EvaluationOptions(depth_windows=2, flip=True, segmentation_mode="whole")
     chosen: list[dict] = []
@@ -127,7 +134,7 @@ def draw_examples(task: str, model, eval_items: list[dict], count: int, path: Pa
         batch = {k: (v[None] if isinstance(v, torch.Tensor) else [v]) for k, v in item.items()}
         image = ((item["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
         if task == "multitask":
-            panels = [Image.fromarray(image), *multitask_panels(model, batch, item, image, options)]
+            panels = [Image.fromarray(image), *multitask_panels(model, batch, item, image, options, tasks)]
         elif task == "depth":
             prediction = depth_predictions(model, batch, options)[0]
             scale = {"vmin": float(item["labels"][item["labels"] > 0].min()), "vmax": float(item["labels"].max())}
@@ -155,8 +162,11 @@ def draw_examples(task: str, model, eval_items: list[dict], count: int, path: Pa
     width = sum(p.width for p in rows[0]) + 8 * (len(rows[0]) - 1)
     height = max(p.height for p in rows[0])
     canvas = Image.new("RGB", (width, height * len(rows) + 8 * (len(rows) - 1) + 18), (255, 255, 255))
-    title = ("input | depth: prediction, truth | segmentation: prediction, truth | normals: prediction, truth"
-             if task == "multitask" else "input | prediction | ground truth")  # fmt: skip
+    title = (
+        "input | " + " | ".join(f"{name}: prediction, truth" for name in tasks)
+        if task == "multitask"
+        else ("input | prediction | ground truth")
+    )
     ImageDraw.Draw(canvas).text((4, 2), title, fill=(0, 0, 0))
     for r, panels in enumerate(rows):
         x = 0
@@ -166,20 +176,25 @@ def draw_examples(task: str, model, eval_items: list[dict], count: int, path: Pa
     canvas.save(path)
 
 
-def multitask_panels(model, batch: dict, item: dict, image: np.ndarray, options: EvaluationOptions) -> list:
-    """Depth, segmentation and normals of one image from ONE pass (plus its mirror), each next to its ground truth."""
-    predictions = dense_predictions(model, batch, options, DENSE)
-    depth = item["depth_labels"]
-    scale = {"vmin": float(depth[depth > 0].min()), "vmax": float(depth.max())}
-    names = {k - 1: v for k, v in SYNTHETIC_ID2LABEL.items() if k}
-    return [
-        colorize_depth(predictions["depth"][0], **scale),
-        colorize_depth(depth, **scale),
-        overlay_segmentation(image, predictions["segmentation"][0].numpy(), names, legend=False),
-        overlay_segmentation(image, item["segmentation_labels"].numpy(), names, legend=False),
-        visualize_normals(predictions["normals"][0]),
-        visualize_normals(item["normal_labels"]),
-    ]
+def multitask_panels(
+    model, batch: dict, item: dict, image: np.ndarray, options: EvaluationOptions, tasks: tuple
+) -> list:
+    """Each task's prediction for one image from ONE pass (plus its mirror), each next to its ground truth."""
+    predictions = dense_predictions(model, batch, options, tasks)
+    panels = []
+    if "depth" in tasks:
+        depth = item["depth_labels"]
+        scale = {"vmin": float(depth[depth > 0].min()), "vmax": float(depth.max())}
+        panels += [colorize_depth(predictions["depth"][0], **scale), colorize_depth(depth, **scale)]
+    if "segmentation" in tasks:
+        names = {k - 1: v for k, v in SYNTHETIC_ID2LABEL.items() if k}
+        panels += [
+            overlay_segmentation(image, predictions["segmentation"][0].numpy(), names, legend=False),
+            overlay_segmentation(image, item["segmentation_labels"].numpy(), names, legend=False),
+        ]
+    if "normals" in tasks:
+        panels += [visualize_normals(predictions["normals"][0]), visualize_normals(item["normal_labels"])]
+    return panels
 
 
 def _jsonable(value):
@@ -201,6 +216,10 @@ def main() -> None:
                 args.size, data_dir)  # fmt: skip
 
     settings = dict(SETTINGS[args.task])
+    if args.tasks is not None:
+        if args.task != "multitask":
+            raise SystemExit("--tasks goes with --task multitask")
+        settings["tasks"] = list(args.tasks)
     if args.steps is not None:
         settings["max_steps"] = args.steps
     config = TrainConfig(
@@ -224,9 +243,10 @@ def main() -> None:
 
     logger.info("3. reloading the saved model with from_pretrained and evaluating ...")
     model = TASK_MODEL_CLASSES[args.task].from_pretrained(config.output_dir).eval()
+    tasks = tuple(config.tasks) if args.task == "multitask" else (args.task,)
     splits = load_splits(data_dir, "referring" if args.task == "referring" else "scenes")
     if args.task == "multitask":
-        eval_set = dense_dataset(splits["validation"], "eval", num_labels=model.config.num_labels)
+        eval_set = dense_dataset(splits["validation"], "eval", tasks=tasks, num_labels=model.config.num_labels)
     elif args.task == "depth":
         eval_set = depth_dataset(splits["validation"], "eval", scene_names=model.config.prompt_names)
     elif args.task == "segmentation":
@@ -239,19 +259,21 @@ def main() -> None:
                                      image_size=args.size)  # fmt: skip
     eval_items = [eval_set[i] for i in range(len(eval_set))]
     metrics = result["metrics"]
-    trivial = baseline(args.task, splits["train"], eval_items)
+    trivial = baseline(args.task, splits["train"], eval_items, tasks)
 
-    draw_examples(args.task, model, eval_items, args.examples, output / "examples.png")
+    draw_examples(args.task, model, eval_items, args.examples, output / "examples.png", tasks)
     history = [json.loads(line) for line in (Path(config.output_dir) / TRAINING_LOG).read_text().splitlines()]
     plot_curve([(h["step"], h["loss"]) for h in history], title=f"training loss ({args.task})").save(
         output / "training_curve.png"
     )
     report = {"task": args.task, "metrics": metrics, "baseline": trivial, "steps": result["global_step"]}
+    if args.task == "multitask":
+        report["tasks"] = list(tasks)
     (output / "results.json").write_text(json.dumps(report, indent=2, default=_jsonable))
     if args.task != "referring":
         VPDImageProcessor.from_pretrained(config.output_dir)  # the processor reloads too
 
-    for task in DENSE if args.task == "multitask" else (args.task,):
+    for task in tasks:
         key, name, better = HEADLINE[task]
         prefix = f"{task}/" if args.task == "multitask" else ""
         ours, theirs = metrics[prefix + key], trivial[prefix + key]

@@ -30,7 +30,8 @@ class TrainConfig:
         default=None,
         metadata={
             "help": "Multi-task training: the heads of one VPDModelForDensePrediction (a subset of depth, "
-            "segmentation, normals), e.g. `--tasks depth segmentation normals`. One task is the same as `--task`."
+            "segmentation, normals), e.g. `--tasks depth segmentation normals`. One task is the same as `--task` "
+            "(with `--task multitask`: a multi-task model with that one head)."
         },
     )
     loss_weights: list[float] | None = field(
@@ -196,7 +197,8 @@ class TrainConfig:
                         f"{self.loss_weights}."
                     )
                 self.loss_weights = [float(self.loss_weights[i]) for i in order]
-            self.task = "multitask" if len(tasks) > 1 else tasks[0]
+            # `--task multitask --tasks depth` keeps the multi-task model with one head (e.g. a controlled comparison).
+            self.task = "multitask" if len(tasks) > 1 or self.task == "multitask" else tasks[0]
         elif self.task == "multitask":
             self.tasks = list(DENSE_TASKS)
         if self.loss_weights is not None and self.task != "multitask":
