@@ -46,6 +46,17 @@ def class_names(id2label: dict[int, str] | None) -> list[str] | None:
     return [id2label[k] for k in sorted(id2label) if k != 0]
 
 
+def processor_preset(config: TrainConfig) -> str:
+    """The image processor's preset (`VPDImageProcessor.TASK_PRESETS`) for `config.task`: normals are framed as the
+    NYUv2 depth frames; a multi-task model with segmentation takes the segmentation preset (ADE-style annotations are
+    reduced, 512 short side), otherwise the depth one."""
+    if config.task == "normals":
+        return "depth"
+    if config.task == "multitask":
+        return "segmentation" if "segmentation" in config.tasks else "depth"
+    return config.task
+
+
 def _is_vpd_checkpoint(source: str) -> bool:
     path = Path(source)
     if path.is_dir():
@@ -94,7 +105,7 @@ def build_model_and_processor(config: TrainConfig, id2label: dict[int, str] | No
             try:
                 processor = VPDImageProcessor.from_pretrained(source)
             except OSError:
-                processor = VPDImageProcessor.for_task(config.task)
+                processor = VPDImageProcessor.for_task(processor_preset(config))
         return model, processor
 
     show_progress = accelerator is None or accelerator.is_local_main_process
@@ -114,7 +125,7 @@ def build_model_and_processor(config: TrainConfig, id2label: dict[int, str] | No
     if config.task == "referring":
         processor = VPDProcessor.from_stable_diffusion(source, token_length=config.token_length)
     else:
-        processor = VPDImageProcessor.for_task(config.task)
+        processor = VPDImageProcessor.for_task(processor_preset(config))
     return model, processor
 
 
@@ -183,4 +194,11 @@ def build_datasets(config: TrainConfig, train_raw: Any, eval_raw: Any, model: An
     return train, evaluation
 
 
-__all__ = ["TINY_SOURCE", "build_datasets", "build_model_and_processor", "class_names", "load_raw_splits"]
+__all__ = [
+    "TINY_SOURCE",
+    "build_datasets",
+    "build_model_and_processor",
+    "class_names",
+    "load_raw_splits",
+    "processor_preset",
+]
