@@ -76,7 +76,14 @@ _EXPORTS: dict[str, str] = {
         "prompts",
     ),
     **dict.fromkeys(
-        ["colorize_depth", "depth_to_uint16_png", "overlay_mask", "overlay_segmentation", "segmentation_palette"],
+        [
+            "colorize_depth",
+            "depth_to_uint16_png",
+            "overlay_mask",
+            "overlay_segmentation",
+            "segmentation_palette",
+            "visualize_normals",
+        ],
         "visualization",
     ),
 }
@@ -167,6 +174,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the eager imports
         overlay_mask,
         overlay_segmentation,
         segmentation_palette,
+        visualize_normals,
     )
 
 
@@ -231,4 +239,5 @@ __all__ = [
     "segmentation_palette",
     "sliding_window_logits",
     "test_time_logits",
+    "visualize_normals",
 ]
