@@ -28,7 +28,10 @@ RECORD = ROOT / "docs" / "multitask_accuracy.json"
 HEADLINE = {"depth": ("rmse", "lower"), "segmentation": ("mean_iou", "higher"), "normals": ("mean", "lower")}
 
 
-def run(variant: str, tasks: list[str], output: Path, extra: list[str]) -> dict:
+def run(variant: str, tasks: list[str], output: Path, extra: list[str], reuse: bool = False) -> dict:
+    results_file = output / variant / "multitask" / "results.json"
+    if reuse and results_file.is_file():  # e.g. runs started by hand, in parallel, with the same arguments
+        return json.loads(results_file.read_text())
     command = [sys.executable, str(ROOT / "scripts" / "quickstart.py"), "--task", "multitask", "--tasks", *tasks,
                "--output", str(output / variant), "--examples", "1", *extra]  # fmt: skip
     started = time.perf_counter()
@@ -42,13 +45,24 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=Path("outputs/compare_multitask"))
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the quickstart's)")
     parser.add_argument("--record", type=Path, default=RECORD, help="where to write the JSON record")
+    parser.add_argument("--reuse", action="store_true", help="keep runs whose results.json is already in --output")
+    parser.add_argument(
+        "--multitask-from",
+        type=Path,
+        default=None,
+        help="take the three-head run from this quickstart record (docs/quickstart_results.json, its `full` "
+        "multitask entry: the same setting) instead of training it again",
+    )
     args = parser.parse_args()
     extra = [] if args.steps is None else ["--steps", str(args.steps)]
     import torch
 
-    runs = {"multitask": run("multitask", list(HEADLINE), args.output, extra)}
+    if args.multitask_from is not None:
+        runs = {"multitask": json.loads(args.multitask_from.read_text())["full"]["multitask"]}
+    else:
+        runs = {"multitask": run("multitask", list(HEADLINE), args.output, extra, args.reuse)}
     for task in HEADLINE:
-        runs[task] = run(task, [task], args.output, extra)
+        runs[task] = run(task, [task], args.output, extra, args.reuse)
     comparison = {}
     for task, (key, better) in HEADLINE.items():
         multi, single = runs["multitask"]["metrics"][f"{task}/{key}"], runs[task]["metrics"][f"{task}/{key}"]
