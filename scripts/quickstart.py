@@ -55,7 +55,7 @@ SETTINGS = {
                   "model_overrides": {"referring_loss_weights": [0.5, 2.0], "detach_attention_maps": False,
                                       "train_text_encoder": True}},
     # One model, three heads, one backbone pass per image: the depth recipe's schedule, the three losses weighted 1.
-    "multitask": {"max_steps": 500, "learning_rate": 1e-3, "lr_schedule": "rise_fall", "min_lr_ratio": 0.06,
+    "multitask": {"max_steps": 300, "learning_rate": 1e-3, "lr_schedule": "rise_fall", "min_lr_ratio": 0.06,
                   "tasks": ["depth", "segmentation", "normals"]},
 }  # fmt: skip
 DENSE = ("depth", "segmentation", "normals")
