@@ -194,3 +194,30 @@ def test_auto_class_and_from_config():
     model = AutoModelForNormalEstimation.from_config(tiny_vpd_config(tasks=["normals"]))
     assert type(model) is vpd_hf.VPDModelForNormalEstimation and model.tasks == ["normals"]
     assert vpd_hf.TASK_MODEL_CLASSES["normals"] is vpd_hf.VPDModelForNormalEstimation
+
+
+def test_model_cards_of_normals_and_multitask_models(tmp_path):
+    from vpd_hf.hub import model_card_from_run
+
+    metrics = {"depth/rmse": 0.5, "segmentation/mean_iou": 0.4, "normals/mean": 20.0, "normals/a11.25": 0.3}
+    for name, architecture, config, evaluation in [
+        ("multi", "VPDModelForDensePrediction", {"tasks": ["depth", "normals"]}, metrics),
+        ("normals", "VPDModelForNormalEstimation", {}, {"mean": 21.5, "median": 14.0, "a30": 0.75}),
+    ]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(
+            json.dumps({"model_type": "vpd", "architectures": [architecture], **config})
+        )
+        (folder / "eval_results.json").write_text(json.dumps({"metrics": evaluation, "split": "validation"}))
+        card = str(model_card_from_run(folder, repo_id=f"me/vpd-{name}"))
+        rows = [line for line in card.splitlines() if line.startswith("| ")]
+        if name == "multi":
+            assert "VPD for metric depth, surface normals from one pass" in card and "one scene token per image" in card
+            assert rows == ["| depth RMSE ↓ | segmentation mIoU ↑ | normals mean° ↓ | normals 11.25° ↑ |",
+                            "| 0.5000 | 40.00 | 20.0000 | 30.00 |"]  # fmt: skip
+            assert "type: depth/rmse" in card and "type: surface-normal-estimation" not in card
+        else:
+            assert "VPD for surface-normal estimation" in card and "AutoModelForNormalEstimation" in card
+            assert rows == ["| mean° ↓ | median° ↓ | 30° ↑ |", "| 21.5000 | 14.0000 | 75.00 |"]
+            assert "pipeline_tag: image-to-image" in card
