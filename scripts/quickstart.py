@@ -88,12 +88,9 @@ def baseline(task: str, train_raw, eval_items: list[dict], tasks: tuple[str, ...
     task's under `{task}/{metric}`."""
     if task == "multitask":
         results = {}
-        for name, key in (
-            ("depth", "depth_labels"),
-            ("segmentation", "segmentation_labels"),
-            ("normals", "normal_labels"),
-        ):
-            items = [{"labels": item[key]} for item in eval_items]
+        keys = {"depth": "depth_labels", "segmentation": "segmentation_labels", "normals": "normal_labels"}
+        for name in tasks:
+            items = [{"labels": item[keys[name]]} for item in eval_items]
             results |= {f"{name}/{k}": v for k, v in baseline(name, train_raw, items).items()}
         return results
     if task == "depth":
