@@ -172,9 +172,11 @@ def build_datasets(config: TrainConfig, train_raw: Any, eval_raw: Any, model: An
             "normal_column": "normal_map" if config.task == "multitask" else config.label_column or "normal_map",
         }
         if config.task == "multitask":
-            options |= {"tasks": config.tasks, "label_column": config.label_column or "annotation",
+            # The model's own heads: a checkpoint evaluated with the default `--task multitask` may have fewer.
+            tasks = list(getattr(model, "tasks", config.tasks))
+            options |= {"tasks": tasks, "label_column": config.label_column or "annotation",
                         "max_depth": float(model.config.max_depth)}  # fmt: skip
-            if "segmentation" in config.tasks:
+            if "segmentation" in tasks:
                 options["num_labels"] = model.config.num_labels
             build = data.dense_dataset
         else:
