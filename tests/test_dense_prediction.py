@@ -58,15 +58,32 @@ LABELS = {
 
 
 @pytest.fixture(scope="module")
-def multitask_output(multitask_model):
-    with torch.no_grad():
-        return multitask_model(
-            _pixels(2, 3, 64, 96),
-            depth_labels=LABELS["depth"],
-            segmentation_labels=LABELS["segmentation"],
-            normal_labels=LABELS["normals"],
-            output_attentions=True,
+def multitask_calls():
+    """UNet and VAE-encoder calls during the forward of `multitask_output`."""
+    return {"unet": 0, "vae": 0}
+
+
+@pytest.fixture(scope="module")
+def multitask_output(multitask_model, multitask_calls):
+    backbone = multitask_model.vpd
+    hooks = [
+        getattr(backbone, name).register_forward_hook(
+            lambda *_, name=name: multitask_calls.__setitem__(name, multitask_calls[name] + 1)
         )
+        for name in ("unet", "vae")
+    ]
+    try:
+        with torch.no_grad():
+            return multitask_model(
+                _pixels(2, 3, 64, 96),
+                depth_labels=LABELS["depth"],
+                segmentation_labels=LABELS["segmentation"],
+                normal_labels=LABELS["normals"],
+                output_attentions=True,
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 # -- configuration ----------------------------------------------------------------------------------------------------
@@ -121,31 +138,12 @@ def test_single_task_class_refuses_a_config_without_its_head():
 # -- one pass ---------------------------------------------------------------------------------------------------------
 
 
-def test_one_unet_and_vae_call_per_forward_with_all_losses(multitask_model):
-    calls = {"unet": 0, "vae": 0}
-    hooks = [
-        multitask_model.vpd.unet.register_forward_hook(lambda *_: calls.__setitem__("unet", calls["unet"] + 1)),
-        multitask_model.vpd.vae.register_forward_hook(lambda *_: calls.__setitem__("vae", calls["vae"] + 1)),
-    ]
-    try:
-        out = multitask_model(
-            _pixels(2, 3, 64, 64),
-            depth_labels=torch.rand(2, 64, 64) + 0.5,
-            segmentation_labels=torch.randint(0, NUM_CLASSES, (2, 64, 64)),
-            normal_labels=_unit_normals(2, 64, 64),
-        )
-    finally:
-        for hook in hooks:
-            hook.remove()
-    assert calls == {"unet": 1, "vae": 1}
-    assert out.predicted_depth.shape == (2, 64, 64) and out.logits.shape == (2, NUM_CLASSES, 8, 8)
-    assert out.predicted_normals.shape == (2, 3, 64, 64)
-    torch.testing.assert_close(out.predicted_normals.norm(dim=1), torch.ones(2, 64, 64))
-    assert torch.allclose(out.loss, out.depth_loss + out.segmentation_loss + out.normals_loss)
-
-
-def test_outputs_of_the_heads_and_attention_maps(multitask_output):
+def test_one_unet_and_vae_call_per_forward_with_all_losses(multitask_output, multitask_calls):
     out = multitask_output
+    assert multitask_calls == {"unet": 1, "vae": 1}
+    assert out.predicted_depth.shape == (2, 64, 96) and out.logits.shape == (2, NUM_CLASSES, 8, 12)
+    assert out.predicted_normals.shape == (2, 3, 64, 96)
+    torch.testing.assert_close(out.predicted_normals.norm(dim=1), torch.ones(2, 64, 96))
     assert torch.allclose(out.loss, out.depth_loss + out.segmentation_loss + out.normals_loss)
     assert [tuple(maps.shape) for maps in out.attentions] == [(2, NUM_CLASSES, 4, 8), (2, NUM_CLASSES, 2, 4)]
     assert bool((out.predicted_depth > 0).all()) and bool((out.predicted_depth < 10).all())
@@ -174,16 +172,14 @@ def test_partial_labels_train_only_their_heads_and_never_the_vae():
 # -- saving and loading -----------------------------------------------------------------------------------------------
 
 
-def test_save_load_is_bit_identical(multitask_model, multitask_folder, multitask_output):
-    loaded = VPDModelForDensePrediction.from_pretrained(multitask_folder).eval()
-    assert loaded.config.tasks == ALL_TASKS
+def test_save_load_is_bit_identical(multitask_model, multitask_folder):
+    loaded = VPDModelForDensePrediction.from_pretrained(multitask_folder)
+    saved, original_config = loaded.config.to_dict(), multitask_model.config.to_dict()
+    saved.pop("_name_or_path"), original_config.pop("_name_or_path")
+    assert loaded.config.tasks == ALL_TASKS and saved == original_config
     original = multitask_model.state_dict()
     assert original.keys() == loaded.state_dict().keys()
     assert all(torch.equal(original[key], value) for key, value in loaded.state_dict().items())
-    with torch.no_grad():
-        again = loaded(_pixels(2, 3, 64, 96))
-    for name in ("predicted_depth", "logits", "predicted_normals"):
-        assert torch.equal(getattr(again, name), getattr(multitask_output, name))
 
 
 @pytest.mark.parametrize(
@@ -219,19 +215,24 @@ def test_single_task_classes_load_the_multitask_folder(
 # -- mixed sizes ------------------------------------------------------------------------------------------------------
 
 
-def test_new_outputs_are_batch_invariant(multitask_model):
-    images = [_pixels(3, 64, 64, seed=1), _pixels(3, 40, 100, seed=2)]  # own padded sizes 64x64 and 64x128
+def test_new_outputs_are_batch_invariant(multitask_model, multitask_output):
+    """The first image of `multitask_output` (64x96) batched with a smaller one: each runs at its own padded size, and
+    its outputs are those it has alone (or with an image of its size)."""
+    images = [_pixels(2, 3, 64, 96)[0], _pixels(3, 40, 60, seed=2)]
     masks = [torch.ones(image.shape[-2:], dtype=torch.long) for image in images]
     pixels, pixel_mask = pad_batch(images, masks)
     with torch.no_grad():
         batched = multitask_model(pixels, pixel_mask=pixel_mask)
-        for index, image in enumerate(images):
-            alone = multitask_model(image[None])
-            height, width = image.shape[-2:]
-            torch.testing.assert_close(batched.predicted_depth[index, :height, :width], alone.predicted_depth[0])
-            torch.testing.assert_close(batched.predicted_normals[index, :, :height, :width], alone.predicted_normals[0])
-            cells = (-(-height // 8), -(-width // 8))
-            torch.testing.assert_close(batched.logits[index, :, : cells[0], : cells[1]], alone.logits[0])
+        alone = multitask_model(images[1][None])
+    expected = [(multitask_output, 0), (alone, 0)]
+    for index, (image, (reference, row)) in enumerate(zip(images, expected, strict=True)):
+        height, width = image.shape[-2:]
+        torch.testing.assert_close(batched.predicted_depth[index, :height, :width], reference.predicted_depth[row])
+        torch.testing.assert_close(
+            batched.predicted_normals[index, :, :height, :width], reference.predicted_normals[row]
+        )
+        cells = (-(-height // 8), -(-width // 8))
+        torch.testing.assert_close(batched.logits[index, :, : cells[0], : cells[1]], reference.logits[row])
     assert torch.equal(batched.pixel_mask, pixel_mask)
 
 

@@ -143,7 +143,7 @@ def test_predict_all_tasks_of_a_multitask_model_from_one_pass(models, tmp_path, 
     # Against the model and processor by hand, one image at a time (batch invariance of the batched run).
     model = vpd_hf.VPDModelForDensePrediction.from_pretrained(models / "multi").eval()
     processor = vpd_hf.VPDImageProcessor.from_pretrained(models / "multi")
-    for path in photos:
+    for path in photos[1:]:  # the smaller image, the one a batch pads
         image = Image.open(path).convert("RGB")
         with torch.no_grad():
             outputs = model(**processor(images=image, return_tensors="pt"))
