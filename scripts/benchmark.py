@@ -26,6 +26,12 @@ checkpointing), `lora` (rank 16 on the UNet attention, frozen base weights in bf
 `reference` (the official design: fp32, every attention materialised, no autocast). Reports seconds per step and
 peak memory (RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA).
 
+Multi-task (`--multitask`): one `VPDModelForDensePrediction` forward with 2 heads (depth + segmentation) and with 3
+(+ normals) against the single-task models of those tasks run one after the other (depth and normals: the official
+scene-prompt models; segmentation: 150 class prompts, one pass), at the first `--resolutions` side, batch 1, for each of
+`--dtypes`, the A and B runs alternated within each repeat. The models share one copy of the backbone weights (random;
+the timings do not depend on their values), so the comparison fits in the memory of one SD-size model per dtype.
+
 Prints Markdown tables and writes JSON (`--json`). Examples:
 
     python scripts/benchmark.py --tasks depth --dtypes fp32 bf16 --json outputs/bench-cpu.json          # CPU
@@ -34,6 +40,7 @@ Prints Markdown tables and writes JSON (`--json`). Examples:
     python scripts/benchmark.py --device cuda --tasks depth segmentation referring --dtypes bf16 fp32 \\
         --batch-sizes 1 16 32 --repeats 10 --warmup 3 --train-modes full checkpointing lora reference \\
         --train-resolution 480 --json outputs/bench-h100.json                                            # GPU
+    python scripts/benchmark.py --multitask --dtypes fp32 bf16 --repeats 2 --json outputs/bench-multitask.json
 """
 
 from __future__ import annotations
@@ -86,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (measured after warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "vpd_hf_benchmark_models")
+    parser.add_argument("--multitask", action="store_true",
+                        help="time one multi-task forward (2 and 3 heads) against the single-task models in turn")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -585,6 +594,133 @@ def training_worker(args: argparse.Namespace, task: str, mode: str) -> dict[str,
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# multi-task: one pass for several heads against one model per task
+# ---------------------------------------------------------------------------------------------------------------------
+
+MULTITASK_COMPARISONS = {"2 heads": ("depth", "segmentation"), "3 heads": ("depth", "segmentation", "normals")}
+
+
+def _tie_backbone(model, source) -> None:
+    """Makes `model`'s VAE encoder, UNet and TextAdapter use `source`'s parameter tensors (same shapes)."""
+    for name in ("vae", "unet", "text_adapter"):
+        mine, theirs = getattr(model.vpd, name), dict(getattr(source.vpd, name).named_parameters())
+        for full_name, _ in list(mine.named_parameters()):
+            parent, _, leaf = full_name.rpartition(".")
+            (mine.get_submodule(parent) if parent else mine)._parameters[leaf] = theirs[full_name]
+
+
+def build_multitask_models(args: argparse.Namespace) -> dict[str, Any]:
+    """The 3-head and 2-head multi-task models and the single-task depth, segmentation and normals models, random,
+    in float32, sharing the 3-head model's backbone parameters (built one at a time: one extra SD-size UNet at most)."""
+    import torch
+
+    import vpd_hf
+    from vpd_hf.prompts import ADE20K_CLASS_NAMES
+    from vpd_hf.testing_utils import TINY_DEPTH_HEAD, TINY_SEGMENTATION_HEAD
+
+    full = args.size == "full"
+    parts = backbone_configs(args.backbone, full)
+    parts.pop("text_configs")
+    heads = {} if full else {**TINY_DEPTH_HEAD, **TINY_SEGMENTATION_HEAD}
+    names = list(ADE20K_CLASS_NAMES)
+    classes = dict(prompt_names=names, id2label=dict(enumerate(names)), semantic_inference_mode="whole")
+    specs = {
+        "multitask 3 heads": (vpd_hf.VPDModelForDensePrediction, ["depth", "segmentation", "normals"], classes),
+        "multitask 2 heads": (vpd_hf.VPDModelForDensePrediction, ["depth", "segmentation"], classes),
+        "depth": (vpd_hf.VPDModelForDepthEstimation, ["depth"], {}),
+        "segmentation": (vpd_hf.VPDModelForSegmentation, ["segmentation"], classes),
+        "normals": (vpd_hf.VPDModelForNormalEstimation, ["normals"], {}),
+    }
+    torch.manual_seed(0)
+    models: dict[str, Any] = {}
+    for key, (model_class, tasks, extra) in specs.items():
+        model = model_class(vpd_hf.VPDConfig(tasks=tasks, **parts, **heads, **extra)).eval()
+        model.vpd.prompt_embeddings.normal_(generator=torch.Generator().manual_seed(1))
+        if models:
+            _tie_backbone(model, models["multitask 3 heads"])
+        models[key] = model
+    return models
+
+
+def multitask_benchmark(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """Seconds per forward (median over `--repeats`, after `--warmup`) of each multi-task model and of its tasks'
+    single-task models one after the other, per dtype; A and B alternate within each repeat."""
+    import copy
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    side = args.resolutions[0]
+    base = build_multitask_models(args)
+    results: dict[str, Any] = {"resolution": side, "batch_size": 1, "threads": torch.get_num_threads(), "runs": {}}
+    sets = {}
+    for dtype_name in args.dtypes:
+        models = copy.deepcopy(base)  # one deepcopy: the shared backbone stays shared
+        for model in models.values():  # the fast path of `from_pretrained(dtype=...)` + `use_fast_memory_format`
+            model.to(device=device, dtype=getattr(torch, DTYPES[dtype_name]))
+            model.vpd.vae.float()
+            model.use_fast_memory_format()
+        sets[dtype_name] = models
+    del base
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(1, 3, side, side, generator=generator) * 2 - 1
+
+    def runner(models: dict[str, Any], keys: tuple[str, ...], dtype) -> Any:
+        pixels = images.to(device, dtype)
+        if device == "cpu":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+
+        def run() -> None:
+            with torch.no_grad():
+                for key in keys:
+                    models[key](pixels)
+            synchronize(device)
+
+        return run
+
+    for dtype_name, models in sets.items():
+        dtype = getattr(torch, DTYPES[dtype_name])
+        cases = {}
+        for label, tasks in MULTITASK_COMPARISONS.items():
+            cases[f"multitask {label}"] = runner(models, (f"multitask {label}",), dtype)
+            cases[f"single-task {' + '.join(tasks)}"] = runner(models, tasks, dtype)
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(args.warmup):  # every model once (the single-task runs of 2 heads are a part of those of 3)
+            runner(models, tuple(models), dtype)()
+        for _ in range(args.repeats):
+            for name, run in cases.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+            print(f"multitask {dtype_name}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
+                  file=sys.stderr)  # fmt: skip
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        ratios = {
+            label: medians[f"multitask {label}"] / medians[f"single-task {' + '.join(tasks)}"]
+            for label, tasks in MULTITASK_COMPARISONS.items()
+        }
+        results["runs"][dtype_name] = {"median_s": medians, "times_s": times, "ratio": ratios}
+    return results
+
+
+def print_multitask_report(report: dict[str, Any], args: argparse.Namespace) -> None:
+    env, bench = report["environment"], report["multitask"]
+    machine = env.get("gpu") or f"{env['cpu']} ({env['cores']} cores, {bench['threads']} threads)"
+    print(f"# VPD multi-task benchmark, {args.backbone} backbone, {args.size} size, device {env['device']}: {machine}")
+    print(f"torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}")
+    print(f"command: python scripts/{report['command']}\n")
+    side = bench["resolution"]
+    print(f"## One forward, {side}x{side}, batch 1 (seconds, median of {args.repeats}, A/B alternated)\n")
+    print("| dtype | heads | one multi-task forward | single-task models in turn | ratio |\n|---|---|---|---|---|")
+    for dtype_name, run in bench["runs"].items():
+        for label, tasks in MULTITASK_COMPARISONS.items():
+            multi = run["median_s"][f"multitask {label}"]
+            single = run["median_s"][f"single-task {' + '.join(tasks)}"]
+            print(f"| {dtype_name} | {' + '.join(tasks)} | {multi:.2f} | {single:.2f} | {run['ratio'][label]:.2f}x |")
+
+
 def environment(device: str) -> dict:
     import diffusers
     import peft
@@ -715,6 +851,13 @@ def main() -> None:
         "inference": [],
         "training": [],
     }
+    if args.multitask:
+        report["multitask"] = multitask_benchmark(args, device)
+        print_multitask_report(report, args)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2))
+        return
     for task in args.tasks:
         if not (model_path(args, task) / "benchmark_ready").is_file():
             print(f"building the random {args.size} {args.backbone} {task} model in {model_path(args, task)} ...",

@@ -5,6 +5,8 @@ Training split: the BTS "sync" folder and a list file with lines `rgb_path depth
 millimetres; scene = the folder name). Test split: the 654 official test images of `nyu_depth_v2_labeled.mat`
 (`testNdxs` of `splits.mat`; needs `pip install h5py`), built like BTS's `official_splits/test` that VPD evaluates on
 (`rawDepths`, `sceneTypes`, black border). Depth is stored as mode "F" metres (default) or 16-bit PNG millimetres.
+With `--normals-dir`, the test images' surface-normal ground truth (the commonly used GeoNet normals, one 8-bit RGB
+PNG per test image, `n = rgb / 127.5 - 1`, (0, 0, 0) = none) is added as a `normal_map` column in Marigold's frame.
 Writes OUTPUT/data/{train,validation}-NNNNN-of-MMMMM.parquet and OUTPUT/README.md. A rerun keeps the shards already
 written; `--overwrite` rewrites them. The logic lives in `vpd_hf.data.converters.convert_nyu`.
 """
@@ -16,7 +18,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from vpd_hf.data.converters import DEPTH_FORMATS, convert_nyu
+from vpd_hf.data.converters import DEPTH_FORMATS, NYU_NORMALS_PATTERN, convert_nyu
+from vpd_hf.data.normals import NORMAL_CONVENTIONS
 
 EXAMPLE = """example:
   python scripts/prepare_nyu.py --output data/nyu-parquet \\
@@ -63,6 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the full test pictures (default: black outside rows 7:474 / columns 7:632, as BTS)",
     )
+    parser.add_argument(
+        "--normals-dir",
+        type=Path,
+        help="folder of test-image normal maps (8-bit RGB PNG, n = rgb / 127.5 - 1, (0, 0, 0) = none, the image's "
+        "size); needs --labeled-mat",
+    )
+    parser.add_argument(
+        "--normals-pattern",
+        default=NYU_NORMALS_PATTERN,
+        help="file name per test image: {position} = 0-based place in the test list, {index} = 1-based .mat index "
+        f"(default: {NYU_NORMALS_PATTERN})",
+    )
+    parser.add_argument(
+        "--normals-convention",
+        choices=tuple(NORMAL_CONVENTIONS),
+        default="marigold",
+        help="camera frame of the files: marigold (x right, y up, z to the camera; default) or opencv (y down, z away)",
+    )
     parser.add_argument("--shard-size", type=int, default=500, help="rows per parquet file (default: 500)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite shards that already exist (default: keep)")
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
@@ -85,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
             depth_format=args.depth_format,
             depth_key=args.depth_key,
             black_boundary=not args.no_black_boundary,
+            normals_dir=args.normals_dir,
+            normals_pattern=args.normals_pattern,
+            normals_convention=args.normals_convention,
             shard_size=args.shard_size,
             overwrite=args.overwrite,
             progress=not args.no_progress,

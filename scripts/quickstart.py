@@ -4,6 +4,7 @@ baseline, save it, reload it with `from_pretrained`, and write example predictio
 
     python scripts/quickstart.py                      # depth (default)
     python scripts/quickstart.py --task segmentation  # or: referring
+    python scripts/quickstart.py --task multitask     # depth + segmentation + normals from one backbone pass
 
 Everything runs through the same code as `scripts/train.py` / `scripts/evaluate.py` and real datasets: the synthetic
 scenes are written as parquet in the Hub layouts and read back by the dataset adapters. The "Stable Diffusion" is a
@@ -24,19 +25,20 @@ import torch
 from PIL import Image, ImageDraw
 
 from vpd_hf import TASK_MODEL_CLASSES, VPDImageProcessor, VPDProcessor
-from vpd_hf.data import depth_dataset, referring_dataset, segmentation_dataset
+from vpd_hf.data import decode_normals, dense_dataset, depth_dataset, referring_dataset, segmentation_dataset
 from vpd_hf.data.loading import load_splits
 from vpd_hf.data.synthetic import SYNTHETIC_ID2LABEL, save_synthetic_dataset
-from vpd_hf.metrics import compute_depth_metrics, compute_mean_iou, compute_referring_metrics
+from vpd_hf.metrics import compute_depth_metrics, compute_mean_iou, compute_normal_metrics, compute_referring_metrics
 from vpd_hf.training import TrainConfig
 from vpd_hf.training.evaluation import (
     EvaluationOptions,
+    dense_predictions,
     depth_predictions,
     referring_predictions,
     segmentation_predictions,
 )
 from vpd_hf.training.trainer import TRAINING_LOG, train
-from vpd_hf.visualization import colorize_depth, overlay_mask, overlay_segmentation, plot_curve
+from vpd_hf.visualization import colorize_depth, overlay_mask, overlay_segmentation, plot_curve, visualize_normals
 
 logger = logging.getLogger("quickstart")
 
@@ -52,7 +54,11 @@ SETTINGS = {
                   "lr_power": 1.0, "min_lr_ratio": 0.0,
                   "model_overrides": {"referring_loss_weights": [0.5, 2.0], "detach_attention_maps": False,
                                       "train_text_encoder": True}},
+    # One model, three heads, one backbone pass per image: the depth recipe's schedule, the three losses weighted 1.
+    "multitask": {"max_steps": 300, "learning_rate": 1e-3, "lr_schedule": "rise_fall", "min_lr_ratio": 0.06,
+                  "tasks": ["depth", "segmentation", "normals"]},
 }  # fmt: skip
+DENSE = ("depth", "segmentation", "normals")
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,12 +73,27 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (default: the task's)")
     parser.add_argument("--examples", type=int, default=4, help="example predictions to draw")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, model and training")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=DENSE,
+        default=None,
+        help="multitask: the heads (default: all three); one head trains the same pipeline as a single-task model",
+    )
     return parser.parse_args()
 
 
-def baseline(task: str, train_raw, eval_items: list[dict]) -> dict[str, float]:
+def baseline(task: str, train_raw, eval_items: list[dict], tasks: tuple[str, ...] = DENSE) -> dict[str, float]:
     """A trivial predictor's metrics on the same evaluation items: the mean training depth everywhere / the most
-    frequent training class everywhere / an empty mask."""
+    frequent training class everywhere / the mean training normal everywhere / an empty mask. For `multitask`, each
+    task's under `{task}/{metric}`."""
+    if task == "multitask":
+        results = {}
+        keys = {"depth": "depth_labels", "segmentation": "segmentation_labels", "normals": "normal_labels"}
+        for name in tasks:
+            items = [{"labels": item[keys[name]]} for item in eval_items]
+            results |= {f"{name}/{k}": v for k, v in baseline(name, train_raw, items).items()}
+        return results
     if task == "depth":
         depths = [np.asarray(row["depth_map"], dtype=np.float64) for row in train_raw]
         mean_depth = float(np.mean([d[d > 0].mean() for d in depths]))
@@ -84,15 +105,20 @@ def baseline(task: str, train_raw, eval_items: list[dict]) -> dict[str, float]:
         majority = int(counts.argmax()) - 1
         predictions = [torch.full_like(item["labels"], majority) for item in eval_items]
         return compute_mean_iou(predictions, [item["labels"] for item in eval_items], num_labels=len(counts) - 1)
+    if task == "normals":
+        normals = np.concatenate([decode_normals(np.asarray(row["normal_map"])).reshape(-1, 3) for row in train_raw])
+        mean = torch.from_numpy(normals[np.any(normals != 0, axis=1)].mean(axis=0)).float()
+        predictions = [mean[:, None, None].expand_as(item["labels"]) for item in eval_items]
+        return compute_normal_metrics(predictions, [item["labels"] for item in eval_items])
     predictions = [torch.zeros_like(item["labels"], dtype=torch.bool) for item in eval_items]
     return compute_referring_metrics(predictions, [item["labels"] == 1 for item in eval_items])
 
 
 HEADLINE = {"depth": ("rmse", "RMSE (m)", "lower"), "segmentation": ("mean_iou", "mIoU", "higher"),
-            "referring": ("overall_iou", "oIoU", "higher")}  # fmt: skip
+            "referring": ("overall_iou", "oIoU", "higher"), "normals": ("mean", "mean angle (deg)", "lower")}  # fmt: skip
 
 
-def draw_examples(task: str, model, eval_items: list[dict], count: int, path: Path) -> None:
+def draw_examples(task: str, model, eval_items: list[dict], count: int, path: Path, tasks: tuple = DENSE) -> None:
     """Input | prediction | ground truth, one row per example."""
     options = EvaluationOptions(depth_windows=2, flip=True, segmentation_mode="whole")
     chosen: list[dict] = []
@@ -105,7 +131,9 @@ def draw_examples(task: str, model, eval_items: list[dict], count: int, path: Pa
     for item in chosen:
         batch = {k: (v[None] if isinstance(v, torch.Tensor) else [v]) for k, v in item.items()}
         image = ((item["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-        if task == "depth":
+        if task == "multitask":
+            panels = [Image.fromarray(image), *multitask_panels(model, batch, item, image, options, tasks)]
+        elif task == "depth":
             prediction = depth_predictions(model, batch, options)[0]
             scale = {"vmin": float(item["labels"][item["labels"] > 0].min()), "vmax": float(item["labels"].max())}
             panels = [
@@ -132,13 +160,39 @@ def draw_examples(task: str, model, eval_items: list[dict], count: int, path: Pa
     width = sum(p.width for p in rows[0]) + 8 * (len(rows[0]) - 1)
     height = max(p.height for p in rows[0])
     canvas = Image.new("RGB", (width, height * len(rows) + 8 * (len(rows) - 1) + 18), (255, 255, 255))
-    ImageDraw.Draw(canvas).text((4, 2), "input | prediction | ground truth", fill=(0, 0, 0))
+    title = (
+        "input | " + " | ".join(f"{name}: prediction, truth" for name in tasks)
+        if task == "multitask"
+        else ("input | prediction | ground truth")
+    )
+    ImageDraw.Draw(canvas).text((4, 2), title, fill=(0, 0, 0))
     for r, panels in enumerate(rows):
         x = 0
         for panel in panels:
             canvas.paste(panel, (x, 18 + r * (height + 8)))
             x += panel.width + 8
     canvas.save(path)
+
+
+def multitask_panels(
+    model, batch: dict, item: dict, image: np.ndarray, options: EvaluationOptions, tasks: tuple
+) -> list:
+    """Each task's prediction for one image from ONE pass (plus its mirror), each next to its ground truth."""
+    predictions = dense_predictions(model, batch, options, tasks)
+    panels = []
+    if "depth" in tasks:
+        depth = item["depth_labels"]
+        scale = {"vmin": float(depth[depth > 0].min()), "vmax": float(depth.max())}
+        panels += [colorize_depth(predictions["depth"][0], **scale), colorize_depth(depth, **scale)]
+    if "segmentation" in tasks:
+        names = {k - 1: v for k, v in SYNTHETIC_ID2LABEL.items() if k}
+        panels += [
+            overlay_segmentation(image, predictions["segmentation"][0].numpy(), names, legend=False),
+            overlay_segmentation(image, item["segmentation_labels"].numpy(), names, legend=False),
+        ]
+    if "normals" in tasks:
+        panels += [visualize_normals(predictions["normals"][0]), visualize_normals(item["normal_labels"])]
+    return panels
 
 
 def _jsonable(value):
@@ -160,12 +214,16 @@ def main() -> None:
                 args.size, data_dir)  # fmt: skip
 
     settings = dict(SETTINGS[args.task])
+    if args.tasks is not None:
+        if args.task != "multitask":
+            raise SystemExit("--tasks goes with --task multitask")
+        settings["tasks"] = list(args.tasks)
     if args.steps is not None:
         settings["max_steps"] = args.steps
     if args.learning_rate is not None:
         settings["learning_rate"] = args.learning_rate
     config = TrainConfig(
-        task=args.task,
+        task="multitask" if args.task == "multitask" else args.task,
         model="tiny-random",
         dataset=str(data_dir),
         output_dir=str(output / "model"),
@@ -185,8 +243,11 @@ def main() -> None:
 
     logger.info("3. reloading the saved model with from_pretrained and evaluating ...")
     model = TASK_MODEL_CLASSES[args.task].from_pretrained(config.output_dir).eval()
+    tasks = tuple(config.tasks) if args.task == "multitask" else (args.task,)
     splits = load_splits(data_dir, "referring" if args.task == "referring" else "scenes")
-    if args.task == "depth":
+    if args.task == "multitask":
+        eval_set = dense_dataset(splits["validation"], "eval", tasks=tasks, num_labels=model.config.num_labels)
+    elif args.task == "depth":
         eval_set = depth_dataset(splits["validation"], "eval", scene_names=model.config.prompt_names)
     elif args.task == "segmentation":
         eval_set = segmentation_dataset(
@@ -198,10 +259,9 @@ def main() -> None:
                                      image_size=args.size)  # fmt: skip
     eval_items = [eval_set[i] for i in range(len(eval_set))]
     metrics = result["metrics"]
-    trivial = baseline(args.task, splits["train"], eval_items)
-    key, name, better = HEADLINE[args.task]
+    trivial = baseline(args.task, splits["train"], eval_items, tasks)
 
-    draw_examples(args.task, model, eval_items, args.examples, output / "examples.png")
+    draw_examples(args.task, model, eval_items, args.examples, output / "examples.png", tasks)
     history = [json.loads(line) for line in (Path(config.output_dir) / TRAINING_LOG).read_text().splitlines()]
     plot_curve([(h["step"], h["loss"]) for h in history], title=f"training loss ({args.task})").save(
         output / "training_curve.png"
@@ -215,17 +275,24 @@ def main() -> None:
         "steps": result["global_step"],
         "losses": losses,
     }
+    if args.task == "multitask":
+        report["tasks"] = list(tasks)
     (output / "results.json").write_text(json.dumps(report, indent=2, default=_jsonable))
     if args.task != "referring":
         VPDImageProcessor.from_pretrained(config.output_dir)  # the processor reloads too
 
-    logger.info("")
-    logger.info("%-28s %10s", "", name)
-    logger.info("%-28s %10.4f", "VPD (tiny, trained)", metrics[key])
-    logger.info("%-28s %10.4f", {"depth": "mean-depth baseline", "segmentation": "majority-class baseline",
-                                 "referring": "empty-mask baseline"}[args.task], trivial[key])  # fmt: skip
-    beats = metrics[key] < trivial[key] if better == "lower" else metrics[key] > trivial[key]
-    logger.info("(%s is better: the model %s the baseline)", better, "beats" if beats else "does NOT beat")
+    for task in tasks:
+        key, name, better = HEADLINE[task]
+        prefix = f"{task}/" if args.task == "multitask" else ""
+        ours, theirs = metrics[prefix + key], trivial[prefix + key]
+        logger.info("")
+        logger.info("%-28s %16s", "", name)
+        logger.info("%-28s %16.4f", "VPD (tiny, trained)", ours)
+        logger.info("%-28s %16.4f", {"depth": "mean-depth baseline", "segmentation": "majority-class baseline",
+                                     "normals": "mean-normal baseline", "referring": "empty-mask baseline"}[task],
+                    theirs)  # fmt: skip
+        beats = ours < theirs if better == "lower" else ours > theirs
+        logger.info("(%s is better: the model %s the baseline)", better, "beats" if beats else "does NOT beat")
     logger.info("")
     for file in ("examples.png", "training_curve.png", "results.json"):
         logger.info("wrote %s", output / file)

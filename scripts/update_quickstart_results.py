@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Keeps the README's quickstart numbers and pictures true to the code.
 
-    python scripts/update_quickstart_results.py           # rerun everything (about 10 min on 2 CPU cores) and rewrite
+    python scripts/update_quickstart_results.py           # rerun everything (about 13 min on 2 CPU cores) and rewrite
+    python scripts/update_quickstart_results.py --tasks multitask   # rerun some tasks, keep the others' records
     python scripts/update_quickstart_results.py --check   # does the README table match docs/quickstart_results.json?
 
-The update runs `scripts/quickstart.py` for the three tasks as a newcomer would (the README's numbers and wall times),
+The update runs `scripts/quickstart.py` for the four tasks (depth, segmentation, referring, multitask) as a newcomer would (the README's numbers and wall times),
 copies their pictures to `docs/`, runs each task once more in a reduced, single-threaded setting, writes all of it to
 `docs/quickstart_results.json`, and rewrites the README table from that record. The tests check that the README table
 is the record's, and rerun the reduced setting against the record: a change that moves the quickstart's numbers fails
@@ -28,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = ROOT / "docs" / "quickstart_results.json"
 README = ROOT / "README.md"
-TASKS = ("depth", "segmentation", "referring")
+TASKS = ("depth", "segmentation", "referring", "multitask")
 # Small enough to rerun in the test suite (seconds per task), on one thread: bitwise reproducible on a given machine.
 REDUCED_ARGS = ["--size", "64", "--num-train", "16", "--num-eval", "8", "--steps", "8", "--batch-size", "4",
                 "--examples", "1"]  # fmt: skip
@@ -51,7 +52,7 @@ SAFETY = 4.0
 LOSS_FLOOR = 1e-4
 CONTINUOUS_FLOOR = 1e-4
 COUNTING_FLOOR = 0.1
-CONTINUOUS_METRICS = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"}
+CONTINUOUS_METRICS = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "mean", "median"}
 
 
 def run_quickstart(
@@ -76,7 +77,7 @@ def minutes(seconds: float) -> str:
 def readme_table(record: dict) -> str:
     """The README's quickstart table, from the record."""
     full = record["full"]
-    depth, seg, ref = (full[task] for task in TASKS)
+    depth, seg, ref = (full[task] for task in ("depth", "segmentation", "referring"))
     dm, sm, rm = depth["metrics"], seg["metrics"], ref["metrics"]
     rows = [
         "| `--task` | steps | metric on the held-out scenes | trained tiny VPD | trivial baseline | wall time |",
@@ -91,6 +92,16 @@ def readme_table(record: dict) -> str:
         f"**{rm['overall_iou']:.3f}** (mIoU {rm['mean_iou']:.3f}, P@0.5 {rm['precision@0.5']:.3f}) | "
         f"{ref['baseline']['overall_iou']:.3f} (empty mask) | {minutes(ref['wall_time_s'])} |",
     ]
+    if "multitask" in full:
+        multi = full["multitask"]
+        mm, mb = multi["metrics"], multi["baseline"]
+        rows.append(
+            f"| `multitask` (one model, one pass) | {multi['steps']} | depth RMSE (m) / mIoU / normals mean angle, "
+            f"{mm['depth/num_images']} images | **{mm['depth/rmse']:.3f}** / **{mm['segmentation/mean_iou']:.3f}** / "
+            f"**{mm['normals/mean']:.1f}°** (normals within 30° {mm['normals/a30']:.3f}) | "
+            f"{mb['depth/rmse']:.3f} / {mb['segmentation/mean_iou']:.3f} / {mb['normals/mean']:.1f}° (mean depth, "
+            f"majority class, mean normal) | {minutes(multi['wall_time_s'])} |"
+        )
     return "\n".join(rows)
 
 
@@ -107,7 +118,7 @@ def _quantities(results: dict) -> dict[str, float]:
     values = {f"loss@{step}": float(loss) for step, loss in results.get("losses", [])}
     for part in ("metrics", "baseline"):
         for key, value in results[part].items():
-            if isinstance(value, (int, float)) and not key.startswith("num_"):
+            if isinstance(value, (int, float)) and not key.rsplit("/", 1)[-1].startswith("num_"):
                 values[f"{part}.{key}"] = float(value)
     return values
 
@@ -115,7 +126,8 @@ def _quantities(results: dict) -> dict[str, float]:
 def _floor(name: str) -> float:
     if name.startswith("loss@"):
         return LOSS_FLOOR
-    return CONTINUOUS_FLOOR if name.split(".", 1)[1] in CONTINUOUS_METRICS else COUNTING_FLOOR
+    metric = name.split(".", 1)[1].rsplit("/", 1)[-1]  # a multi-task metric is named `task/metric`
+    return CONTINUOUS_FLOOR if metric in CONTINUOUS_METRICS else COUNTING_FLOOR
 
 
 def tolerances(reference: dict, variants: dict[str, dict]) -> dict[str, float]:
@@ -182,21 +194,29 @@ def check() -> int:
     return 0
 
 
-def update() -> int:
+def update(tasks: tuple[str, ...] = TASKS) -> int:
+    """Reruns `tasks` and rewrites their records; the other tasks' records (and their date / machine) are kept."""
     import torch
 
-    record: dict = {
+    machine = {
         "command": f"python scripts/{Path(__file__).name}",
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "full": {},
-        "reduced": {"args": REDUCED_ARGS, "threads": 1, "kernel_variants": KERNEL_VARIANTS, "results": {}},
     }
+    if set(tasks) == set(TASKS) or not RECORD.exists():
+        reduced = {"args": REDUCED_ARGS, "threads": 1, "kernel_variants": KERNEL_VARIANTS, "results": {}}
+        record: dict = {**machine, "full": {}, "reduced": reduced}
+    else:
+        record = json.loads(RECORD.read_text())
+        if record["reduced"]["args"] != REDUCED_ARGS:
+            raise ValueError("The record's reduced setting differs from REDUCED_ARGS: rerun every task.")
     with tempfile.TemporaryDirectory() as folder:
-        for task in TASKS:
+        for task in tasks:
             results, seconds = run_quickstart(task, Path(folder) / "full", [])
             record["full"][task] = {**results, "wall_time_s": round(seconds, 1)}
+            if set(tasks) != set(TASKS):  # a partial rerun: say where and when these numbers come from
+                record["full"][task]["run"] = machine
             source = Path(folder) / "full" / task
             shutil.copyfile(source / "examples.png", ROOT / "docs" / f"quickstart_{task}.png")
             if task == "depth":
@@ -223,16 +243,15 @@ def update_reduced(tasks: list[str]) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only check the README table against the record")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="the tasks to rerun")
     parser.add_argument(
-        "--reduced", nargs="*", choices=TASKS, default=None,
-        help="only rerun the reduced runs (and their kernel variants) of these tasks (default: all three)",
+        "--reduced", action="store_true",
+        help="only rerun the reduced runs of --tasks (and their kernel variants), keeping the rest of the record",
     )  # fmt: skip
     args = parser.parse_args()
     if args.check:
         return check()
-    if args.reduced is not None:
-        return update_reduced(args.reduced or list(TASKS))
-    return update()
+    return update_reduced(list(args.tasks)) if args.reduced else update(tuple(args.tasks))
 
 
 if __name__ == "__main__":

@@ -221,6 +221,44 @@ def test_nyu_labeled_mat_test_split(tmp_path):
     assert "| validation | 2 |" in (output / "README.md").read_text()
 
 
+def test_nyu_normals_are_added_to_the_test_split_and_read_by_the_adapter(tmp_path):
+    from vpd_hf.data import encode_normals, normals_dataset
+
+    write_labeled_mat(tmp_path / "labeled.mat")
+    rng = np.random.default_rng(0)
+    normals = rng.normal(size=(12, 16, 3))
+    normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+    normals[0, :4] = 0.0  # no ground truth there
+    folder = tmp_path / "normals"
+    folder.mkdir()
+    # Stored in OpenCV's frame (y down, z away from the camera): the converter negates y and z.
+    Image.fromarray(encode_normals(normals * [1, -1, -1])).save(folder / "000000_normal.png")
+    output = load_script("prepare_nyu").main(
+        ["--output", str(tmp_path / "out"), "--labeled-mat", str(tmp_path / "labeled.mat"), "--no-progress",
+         "--normals-dir", str(folder), "--normals-convention", "opencv", "--splits-mat", str(write_splits(tmp_path))]
+    )  # fmt: skip
+    test = load(output)["validation"]
+    assert test.num_rows == 2 and test[1]["normal_map"] is None  # the second test image has no file
+    np.testing.assert_array_equal(np.asarray(test[0]["normal_map"]), encode_normals(normals))
+    items = normals_dataset(test, "eval")
+    label = items[0]["labels"].numpy().transpose(1, 2, 0)
+    assert (label[0, :4] == 0).all() and (items[1]["labels"] == 0).all()
+    cosine = np.clip(np.sum(label[1:] * normals[1:], axis=-1), -1, 1)
+    assert np.degrees(np.arccos(cosine)).max() < 0.5
+    with pytest.raises(ValueError, match="needs `labeled_mat`"):
+        convert_nyu(tmp_path / "bad", sync_root=tmp_path, train_list=tmp_path / "x.txt", normals_dir=folder)
+    Image.fromarray(encode_normals(normals[:10])).save(folder / "000000_normal.png")
+    with pytest.raises(ValueError, match="differ in size"):
+        convert_nyu(tmp_path / "bad", labeled_mat=tmp_path / "labeled.mat", test_indices=[1], normals_dir=folder,
+                    progress=False)  # fmt: skip
+
+
+def write_splits(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io", reason="scipy writes the MATLAB v5 splits.mat")
+    scipy_io.savemat(tmp_path / "splits.mat", {"testNdxs": np.array([[2], [4]]), "trainNdxs": np.array([[1], [3]])})
+    return tmp_path / "splits.mat"
+
+
 # -- RefCOCO --------------------------------------------------------------------------------------------------------
 
 POLYGONS = {7: [[2, 2, 12, 2, 12, 10, 2, 10]], 8: [[14, 4, 20, 4, 17, 11]], 9: [[0, 0, 5, 0, 5, 5, 0, 5]]}

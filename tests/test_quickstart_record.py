@@ -48,7 +48,7 @@ def test_readme_table_is_the_record():
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-@pytest.mark.parametrize("task", ["depth", "segmentation", "referring"])
+@pytest.mark.parametrize("task", ["depth", "segmentation", "referring", "multitask"])
 def test_reduced_quickstart_reproduces_the_record(task, tmp_path):
     problems = updater.compare_reduced(reduced_run(task, tmp_path), RECORD["reduced"]["results"][task])
     assert not problems, (

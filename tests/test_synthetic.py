@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from vpd_hf.data.normals import decode_normals
 from vpd_hf.data.synthetic import (
     COLOR_PALETTE,
     LARGE_OBJECT_EXTENT,
@@ -218,6 +219,97 @@ def test_each_solid_rests_on_the_floor_with_its_exact_height_and_radius(kind):
     )
     assert grazing.instance.tolist() == [1, 0]
     assert obj.center == pytest.approx((0.2, obj.height / 2, 3.0))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Surface normals (Marigold's camera frame: +x right, +y up, +z towards the camera)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def marigold_axes(camera):
+    """World vectors of Marigold's camera axes (right, up, towards the camera), from the angles."""
+    right, down, forward = camera_axes(camera.yaw, camera.pitch, camera.roll)
+    return right, -down, -forward
+
+
+@pytest.mark.parametrize("pitch", [0.0, 0.3])
+def test_room_planes_have_their_known_normals(pitch):
+    # A level camera (yaw = roll = 0) pitched down by `pitch`: the floor's up vector is (0, cos p, sin p) in Marigold's
+    # frame (tilted towards the camera), the ceiling's the opposite, the far wall faces the camera (0, -sin p, cos p),
+    # and the left / right walls point right / left.
+    layout = empty_room(2, Camera((0.1, 1.3, 0.6), 0.0, pitch, 0.0))
+    scene = render_layout(layout, 40, 56)
+    c, s = math.cos(pitch), math.sin(pitch)
+    # Which plane each pixel shows, from the ray-plane intersections written out independently (see the depth test).
+    room_w, room_h, room_d = layout.room
+    origin = np.asarray(layout.camera.position)
+    rays = pixel_rays(layout.camera, 40, 56)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        candidates = np.stack(
+            [
+                np.where(rays[..., 1] < 0, -origin[1] / rays[..., 1], np.inf),
+                np.where(rays[..., 1] > 0, (room_h - origin[1]) / rays[..., 1], np.inf),
+                np.where(rays[..., 0] < 0, (-room_w / 2 - origin[0]) / rays[..., 0], np.inf),
+                np.where(rays[..., 0] > 0, (room_w / 2 - origin[0]) / rays[..., 0], np.inf),
+                np.where(rays[..., 2] > 0, (room_d - origin[2]) / rays[..., 2], np.inf),
+            ]
+        )
+    expected = np.array([(0, c, s), (0, -c, -s), (1, 0, 0), (-1, 0, 0), (0, -s, c)])[candidates.argmin(axis=0)]
+    two = np.sort(candidates, axis=0)[:2]
+    clear = two[1] - two[0] > 1e-6 * two[0]
+    assert scene.normals.shape == (40, 56, 3) and scene.normals.dtype == np.float32
+    assert clear.mean() > 0.9 and {int(i) for i in np.unique(candidates.argmin(axis=0))} >= {0, 2, 3, 4}
+    np.testing.assert_allclose(scene.normals[clear], expected[clear], atol=1e-6)
+
+
+def test_a_turned_box_face_and_a_sphere_have_their_exact_normals():
+    box = SceneObject("box", "red", (-0.4, 2.5), radius=0.3, height=0.6, box_depth=0.5, yaw=0.4)
+    ball = SceneObject("sphere", "blue", (0.6, 2.8), radius=0.35, height=0.7)
+    layout = dataclasses.replace(empty_room(3, Camera((0.0, 1.1, 0.4), 0.1, 0.25, 0.05)), objects=(box, ball))
+    scene = render_layout(layout, 72, 96)
+    right, up, towards = marigold_axes(layout.camera)
+    to_camera = np.stack([right, up, towards])  # rows: world -> Marigold components
+    # The box's faces are its frame's axes turned by yaw about the vertical. From the left of the room's middle the
+    # camera sees the face towards it (world normal -(sin yaw, 0, cos yaw)), the top and the +x side face.
+    faces = np.array([[-math.sin(0.4), 0.0, -math.cos(0.4)], [0.0, 1.0, 0.0], [math.cos(0.4), 0.0, -math.sin(0.4)]])
+    normals = scene.normals[scene.instances == 1]
+    agreement = normals @ (faces @ to_camera.T).T  # cosine to each face's normal, Marigold components
+    closest = agreement.argmax(axis=1)
+    np.testing.assert_allclose(agreement.max(axis=1), 1.0, atol=1e-6)
+    assert np.bincount(closest, minlength=3).min() > 10
+    # A sphere's normal at a point is the direction from its centre: from depth, back-project the pixels into
+    # camera-frame points and compare.
+    record = scene.objects[1]
+    fx, fy, cx, cy = nyu_intrinsics(72, 96)
+    rows, cols = np.nonzero(scene.instances == 2)
+    z = scene.depth[rows, cols].astype(np.float64)
+    points = np.stack([(cols + 0.5 - cx) / fx * z, (rows + 0.5 - cy) / fy * z, z], axis=-1)  # OpenCV frame
+    radial = points - np.asarray(record.center_camera)
+    radial = radial / np.linalg.norm(radial, axis=-1, keepdims=True) * np.array([1.0, -1.0, -1.0])  # -> Marigold
+    assert len(rows) > 50
+    np.testing.assert_allclose(scene.normals[rows, cols], radial, atol=2e-5)  # float32 depth rounding
+
+
+def test_normals_are_unit_face_the_camera_and_agree_with_depth_on_planes():
+    for index in range(4):
+        scene = generate_scene(index, seed=5, split="validation", height=48, width=64)
+        n = scene.normals.astype(np.float64)
+        np.testing.assert_allclose(np.linalg.norm(n, axis=-1), 1.0, atol=1e-6)
+        fx, fy, cx, cy = nyu_intrinsics(48, 64)
+        cols, rows = np.meshgrid(np.arange(64), np.arange(48))
+        z = scene.depth.astype(np.float64)
+        # Camera-frame points (Marigold axes) from the z-depth: the viewing ray of a pixel is the point itself.
+        points = np.stack([(cols + 0.5 - cx) / fx * z, -(rows + 0.5 - cy) / fy * z, -z], axis=-1)
+        facing = np.einsum("hwc,hwc->hw", n, points / np.linalg.norm(points, axis=-1, keepdims=True))
+        assert (facing < 0).all()  # every normal points back towards the camera
+        # On the floor every 3-D difference between its points is orthogonal to its (single) normal.
+        floor = (scene.semantic == 2) & (scene.instances == 0)
+        assert floor.sum() > 100
+        floor_normal = n[floor][0]
+        np.testing.assert_allclose(n[floor], np.broadcast_to(floor_normal, n[floor].shape), atol=1e-6)
+        differences = points[floor] - points[floor][::-1]
+        scale = np.linalg.norm(differences, axis=-1) + 1e-9
+        assert np.abs(differences @ floor_normal / scale).max() < 1e-5
 
 
 def test_cast_shadows_only_darken_the_floor():
@@ -528,6 +620,10 @@ def test_parquet_round_trip_is_exact(tmp_path):
             np.testing.assert_array_equal(np.asarray(row["annotation"]), sample.semantic)
             np.testing.assert_array_equal(np.asarray(row["instance_mask"]), sample.instances)
             assert row["scene"] == sample.scene
+            # 8-bit normals: within the quantisation (half a step per component, about 0.4 degrees) of the exact ones.
+            normals = decode_normals(np.asarray(row["normal_map"]))
+            cosine = np.clip(np.sum(normals * sample.normals, axis=-1), -1, 1)
+            assert row["normal_map"].mode == "RGB" and np.degrees(np.arccos(cosine)).max() < 0.5
             assert [o["kind"] for o in row["objects"]] == [o.kind for o in sample.objects]
             for ref in (r for r in ref_rows if r["image_id"] == index):
                 k = ref["instance_id"]

@@ -83,6 +83,7 @@ def register() -> None:
         AutoImageProcessor,
         AutoModel,
         AutoModelForDepthEstimation,
+        AutoModelForNormalEstimation,
         AutoModelForSemanticSegmentation,
         AutoProcessor,
     )
@@ -92,7 +93,9 @@ def register() -> None:
     from .image_processing_vpd import VPDImageProcessor
     from .modeling_vpd import (
         VPDModel,
+        VPDModelForDensePrediction,
         VPDModelForDepthEstimation,
+        VPDModelForNormalEstimation,
         VPDModelForReferringSegmentation,
         VPDModelForSegmentation,
     )
@@ -103,6 +106,7 @@ def register() -> None:
     AutoModel.register(VPDConfig, VPDModel, exist_ok=True)
     AutoModelForDepthEstimation.register(VPDConfig, VPDModelForDepthEstimation, exist_ok=True)
     AutoModelForSemanticSegmentation.register(VPDConfig, VPDModelForSegmentation, exist_ok=True)
+    AutoModelForNormalEstimation.register(VPDConfig, VPDModelForNormalEstimation, exist_ok=True)
     AutoProcessor.register(VPDConfig, VPDProcessor, exist_ok=True)
     AutoImageProcessor.register(VPDConfig, image_processor_classes={"pil": VPDImageProcessor}, exist_ok=True)
     # VPD has no video processor. Declaring that (an empty mapping) matters: transformers' pipelines probe for one,
@@ -115,6 +119,10 @@ def register() -> None:
     VPDModel.register_for_auto_class("AutoModel")
     VPDModelForDepthEstimation.register_for_auto_class("AutoModelForDepthEstimation")
     VPDModelForSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+    VPDModelForNormalEstimation.register_for_auto_class("AutoModelForNormalEstimation")
+    # transformers has no Auto class for multi-task dense prediction (only its single-task classes are mapped, as for
+    # Tipsv2DptForDensePrediction); remote-code users load it through AutoModel.
+    VPDModelForDensePrediction.register_for_auto_class("AutoModel")
     # transformers has no Auto class for referring segmentation; remote-code users load it through AutoModel.
     VPDModelForReferringSegmentation.register_for_auto_class("AutoModel")
     VPDProcessor.register_for_auto_class()

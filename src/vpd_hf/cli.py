@@ -20,8 +20,22 @@ PREDICT_EXAMPLES = """examples:
   vpd-hf predict --task depth --model org/vpd-depth-nyu photos/*.jpg --output depth_out
   vpd-hf predict --task segmentation --model vpd-seg photos/ --output seg_out --batch-size 4
   vpd-hf predict --task referring --model vpd-ref street.jpg --text "the man in the red shirt" --output ref_out
+  vpd-hf predict --task all --model vpd-multitask photos/ --output scene_out   # depth + labels + normals, one pass
   accelerate launch -m vpd_hf.cli predict --task depth --model vpd-depth --dataset data/nyu --split validation \\
       --output nyu_depth   # sharded over the processes; rerun to resume"""
+
+
+def _task_argument(value: str) -> str:
+    """`--task`: one task, a comma list of dense tasks or `all`, checked at parsing (without importing torch)."""
+    from .prediction import parse_tasks
+
+    try:
+        parse_tasks(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {error}".replace("`task` must be", "--task must be")
+        ) from None
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,15 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser(
         "predict",
         help="predict images or a dataset split into PNG files",
-        description="Predict depth / semantic labels / referring masks for images (paths, globs, folders) or a whole "
-        "`datasets` split, writing colour visualisations and raw maps (16-bit depth PNG in mm, label PNG, mask PNG) "
-        "plus a JSON-lines manifest; items already in the manifest are skipped. An image that cannot be read is "
+        description="Predict depth / semantic labels / surface normals / referring masks for images (paths, globs, folders) or a whole "
+        "`datasets` split, writing colour visualisations and raw maps (16-bit depth PNG in mm, label PNG, normals .npy, mask PNG) "
+        "plus a JSON-lines manifest. A multi-task model gives several tasks from one pass per image (`--task "
+        "depth,segmentation,normals` or `--task all`); items already in the manifest are skipped. An image that cannot be read is "
         "skipped, recorded in the manifest with the reason and listed at the end; the exit status is 1 when nothing "
         "could be predicted (or, with --strict, when anything was skipped), 2 for a wrong argument.",
         epilog=PREDICT_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    predict.add_argument("--task", required=True, choices=["depth", "segmentation", "referring"])
+    predict.add_argument(
+        "--task",
+        required=True,
+        type=_task_argument,
+        help="depth, segmentation, normals or referring; several dense tasks of a multi-task model as a comma list "
+        "(depth,segmentation,normals), or all (every task of the model)",
+    )
     predict.add_argument("--model", required=True, help="VPD checkpoint: Hub id or folder")
     predict.add_argument("inputs", nargs="*", help="image files, glob patterns or folders")
     predict.add_argument("--text", action="append", default=None, help="referring: an expression (repeatable)")

@@ -18,6 +18,14 @@ SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 ATTENTION_RESOLUTIONS = (64, 32, 16)
 LATENT_SCALING_OPTIONS = ("scaling_factor",)
 SEMANTIC_INFERENCE_MODES = ("whole", "slide")
+# The dense tasks one model (and one UNet pass) can serve together, and the referring task, which cannot share a pass
+# (its conditioning is the sentence).
+DENSE_TASKS = ("depth", "segmentation", "normals")
+TASKS = (*DENSE_TASKS, "referring")
+# Defaults derived from the tasks (the paper's recipes): the number of scene prompts of a depth/normals model, and the
+# attention maps of a model with class prompts or a sentence.
+NYU_NUM_SCENES = 27
+_PROMPT_ATTENTION_RESOLUTIONS = [32, 16]
 _DEPTH_GROUP_NORM_GROUPS = 16
 _DECONV_KERNELS = (2, 3, 4)
 
@@ -51,6 +59,15 @@ class VPDConfig(PreTrainedConfig):
     `prompt_embed_dim`. Defaults reproduce the official VPD depth model on Stable Diffusion 1.5.
 
     Args:
+        tasks (`list[str]`, *optional*):
+            The task heads of the model: a non-empty subset of `"depth"`, `"segmentation"`, `"normals"` (one UNet pass
+            serves all of them, `VPDModelForDensePrediction`), or `["referring"]` alone. A single-task class has one.
+            Configs saved before this field existed get it inferred from their other fields (a text encoder: referring;
+            attention maps and one prompt per label: segmentation; otherwise depth). The tasks also choose the
+            defaults of `num_prompts` and `attention_resolutions`, so that a bare config builds the paper's model, and
+            the conditioning shared by the heads (:attr:`conditioning`).
+        task_loss_weights (`dict[str, float]`, *optional*):
+            Weight of each task's loss in the multi-task `loss` (default 1.0 for every task).
         unet_config (`dict`, *optional*):
             Constructor arguments of a diffusers `UNet2DConditionModel` with a Stable Diffusion block layout: SD 1.x/2.x
             (three cross-attention down blocks and a plain one, mirrored up blocks, two layers per down block) or SDXL
@@ -61,9 +78,9 @@ class VPDConfig(PreTrainedConfig):
             Defaults to the Stable Diffusion 1.5 VAE.
         prompt_embed_dim (`int`, *optional*):
             Width of the text embeddings; must equal the UNet's `cross_attention_dim` (the default).
-        num_prompts (`int`, *optional*, defaults to 27):
-            Rows of the prompt-embedding table (27 NYUv2 scene types for depth, one per class for segmentation,
-            0 when the text comes from a text encoder at run time).
+        num_prompts (`int`, *optional*):
+            Rows of the prompt-embedding table. Default from `tasks`: one per class (`num_labels`) when segmentation is
+            among them, 0 for referring (the text comes from a text encoder at run time), else the 27 NYUv2 scene types.
         prompt_names (`list[str]`, *optional*):
             The name behind each row of the prompt table (e.g. the scene names that `scene_ids` index).
         prompt_templates (`list[str]`, *optional*):
@@ -75,11 +92,12 @@ class VPDConfig(PreTrainedConfig):
             posterior mode. `"scaling_factor"`: multiplied by the VAE's `scaling_factor` (0.18215 for SD 1.x), as
             Stable Diffusion itself does. A positive number `s`: divided by `s` (EVP uses the dataset latent std,
             5.07543 on NYUv2).
-        attention_resolutions (`list[int]`, *optional*, defaults to `[]`):
+        attention_resolutions (`list[int]`, *optional*):
             Cross-attention maps to concatenate to the UNet features, named by their size for a 512x512 input: any of
             64, 32, 16 (image strides 8, 16, 32). Each map is the softmax over the text tokens, averaged over heads and
             over the down- and up-block cross-attention layers of that level (2 + 3 for SD 1.x/2.x; SDXL has none at 64,
-            10 at 32 and 50 at 16). Empty for depth (official), `[16, 32]` for segmentation and referring segmentation.
+            10 at 32 and 50 at 16). Default from `tasks`: `[32, 16]` with class prompts (segmentation, alone or with
+            other tasks) and for referring segmentation, empty for depth and normals alone (official depth recipe).
         detach_attention_maps (`bool`, *optional*, defaults to `True`):
             Stop gradients through the attention-map channels, as the official code does implicitly (its attention
             blocks run under a `no_grad` checkpoint). Set to `False` to let them train the UNet and the adapter.
@@ -148,15 +166,17 @@ class VPDConfig(PreTrainedConfig):
 
     model_type = "vpd"
 
+    tasks: list[str] | tuple[str, ...] | None = None
+    task_loss_weights: dict[str, float] | None = None
     unet_config: dict | None = None
     vae_config: dict | None = None
     prompt_embed_dim: int | None = None
-    num_prompts: int = 27
+    num_prompts: int | None = None
     prompt_names: list[str] | None = None
     prompt_templates: list[str] | None = None
     timestep: int = 1
     latent_scaling: str | float | int | None = None
-    attention_resolutions: list[int] | tuple[int, ...] = ()
+    attention_resolutions: list[int] | tuple[int, ...] | None = None
     detach_attention_maps: bool = True
     text_adapter_gamma_init: float | int = 1e-4
     max_depth: float | int = 10.0
@@ -191,6 +211,7 @@ class VPDConfig(PreTrainedConfig):
         cross_attention_dim = self.unet_config.get("cross_attention_dim", 1280)
         if self.prompt_embed_dim is None:
             self.prompt_embed_dim = cross_attention_dim
+        self._validate_tasks(kwargs)
         self._validate_prompts(cross_attention_dim)
         self._validate_backbone()
         self._validate_depth_head()
@@ -201,6 +222,59 @@ class VPDConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     # -- validation -----------------------------------------------------------------------------------------------
+
+    def _validate_tasks(self, kwargs: dict[str, Any]) -> None:
+        """Checks `tasks` (or infers it for a config saved before the field existed) and fills the defaults that
+        depend on it: `num_prompts` and `attention_resolutions`."""
+        if self.tasks is None:
+            self.tasks = [self._infer_task(kwargs)]
+        if isinstance(self.tasks, str) or not hasattr(self.tasks, "__iter__"):
+            raise TypeError(f"`tasks` must be a list of task names, got {self.tasks!r}.")
+        tasks = list(self.tasks)
+        unknown = [task for task in tasks if task not in TASKS]
+        if not tasks or unknown or len(set(tasks)) != len(tasks):
+            raise ValueError(
+                f"`tasks` must be a non-empty list of distinct task names from {list(DENSE_TASKS)} (or ['referring'] "
+                f"alone), got {self.tasks!r}."
+            )
+        if "referring" in tasks and len(tasks) > 1:
+            raise ValueError(
+                "`tasks`: referring segmentation cannot share a model with other tasks (its UNet conditioning is the "
+                f"sentence, theirs a prompt table), got {tasks}."
+            )
+        self.tasks = [task for task in TASKS if task in tasks]  # canonical order
+        weights = self.task_loss_weights
+        if weights is not None:
+            if not isinstance(weights, dict):
+                raise TypeError(f"`task_loss_weights` must be a dict of task name -> weight, got {weights!r}.")
+            unknown = [task for task in weights if task not in self.tasks]
+            if unknown:
+                raise ValueError(f"`task_loss_weights` names {unknown}, which are not among `tasks` {self.tasks}.")
+            for task, weight in weights.items():
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+                    raise ValueError(f"`task_loss_weights[{task!r}]` must be a non-negative number, got {weight!r}.")
+            self.task_loss_weights = {task: float(weights[task]) for task in self.tasks if task in weights}
+        if self.num_prompts is None:
+            if "segmentation" in self.tasks:
+                self.num_prompts = len(self.id2label) if self.id2label is not None else kwargs.get("num_labels", 2)
+            else:
+                self.num_prompts = 0 if "referring" in self.tasks else NYU_NUM_SCENES
+        if self.attention_resolutions is None:
+            uses_maps = "segmentation" in self.tasks or "referring" in self.tasks
+            self.attention_resolutions = list(_PROMPT_ATTENTION_RESOLUTIONS) if uses_maps else []
+
+    def _infer_task(self, kwargs: dict[str, Any]) -> str:
+        """The task of a config saved without `tasks` (before multi-task models existed)."""
+        if self.text_config is not None:
+            return "referring"
+        num_labels = len(self.id2label) if self.id2label is not None else kwargs.get("num_labels")
+        if self.attention_resolutions and self.num_prompts is not None and self.num_prompts == num_labels:
+            return "segmentation"
+        return "depth"
+
+    def loss_weight(self, task: str) -> float:
+        """The weight of `task`'s loss in the multi-task loss (`task_loss_weights`, default 1.0)."""
+        return float((self.task_loss_weights or {}).get(task, 1.0))
 
     def _validate_components(self) -> None:
         unet, vae = self.unet_config, self.vae_config
@@ -405,6 +479,27 @@ class VPDConfig(PreTrainedConfig):
     # -- derived quantities ---------------------------------------------------------------------------------------
 
     @property
+    def conditioning(self) -> str:
+        r"""
+        The UNet's text conditioning, shared by every head of a pass (derived from `tasks`):
+
+        - `"class_prompts"` when segmentation is among the tasks: the whole class-prompt table (one token per class,
+          the same for every image), whose cross-attention maps join the features. Depth and normals heads of the
+          same model read these features and maps too, so that one pass serves all heads.
+        - `"scene_prompt"` for depth and/or normals without segmentation: one token per image, its row of the scene
+          table (`scene_ids`), or the table's mean when the scene is unknown (the official depth recipe).
+        - `"text"` for referring segmentation: the encoded sentence.
+        """
+        if "referring" in self.tasks:
+            return "text"
+        return "class_prompts" if "segmentation" in self.tasks else "scene_prompt"
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens of the UNet context of a prompt-table model: all prompt rows (class prompts) or one (scene prompt)."""
+        return self.num_prompts if self.conditioning == "class_prompts" else 1
+
+    @property
     def backbone(self) -> BackboneLayout:
         """The UNet's VPD layout (family, taps, attention-map layers; see `vpd_hf.backbones.backbone_layout`)."""
         return backbone_layout(self.unet_config)
@@ -463,4 +558,4 @@ class VPDConfig(PreTrainedConfig):
         return config_dict, unused_kwargs
 
 
-__all__ = ["SD15_HUB_ID", "SD15_UNET_CONFIG", "SD15_VAE_CONFIG", "VPDConfig"]
+__all__ = ["DENSE_TASKS", "SD15_HUB_ID", "SD15_UNET_CONFIG", "SD15_VAE_CONFIG", "TASKS", "VPDConfig"]

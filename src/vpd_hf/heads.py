@@ -118,13 +118,60 @@ class VPDDepthDecoder(nn.Module):
         return hidden_states
 
 
-class VPDDepthHead(nn.Module):
+class VPDConvDeconvHead(nn.Module):
     r"""
-    The official VPD depth head: :class:`VPDDepthNeck` -> crop to the un-padded 1/32 grid -> :class:`VPDDepthDecoder`
-    -> conv3x3 + ReLU + conv3x3 -> `sigmoid * max_depth`.
+    The official VPD depth head's body, for any number of output channels: :class:`VPDDepthNeck` -> crop to the
+    un-padded 1/32 grid -> :class:`VPDDepthDecoder` -> conv3x3 + ReLU + conv3x3 to `out_channels` (the module named
+    `last_layer_name`). Subclasses map the raw output to their quantity (:meth:`activation`).
 
     The crop reproduces the reference exactly: a 480x480 crop is padded to 512x512, the 16x16 neck output is cropped to
     15x15 (after the GroupNorm, which therefore sees the padded map) and decoded to 480x480.
+    """
+
+    def __init__(
+        self,
+        in_channels: list[int],
+        out_channels: int,
+        last_layer_name: str,
+        last_layer_init: InitSpec,
+        neck_channels: int = 1536,
+        head_channels: int = 192,
+        deconv_filters: list[int] = (32, 32, 32),
+        deconv_kernels: list[int] = (2, 2, 2),
+        neck_init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.neck = VPDDepthNeck(in_channels, neck_channels, init_std=neck_init_std)
+        self.decoder = VPDDepthDecoder(neck_channels, list(deconv_filters), list(deconv_kernels), head_channels)
+        self._last_layer_name = last_layer_name
+        last_layer = nn.Sequential(
+            nn.Conv2d(head_channels, head_channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(head_channels, out_channels, 3, padding=1),
+        )
+        _tag_tree(last_layer, last_layer_init)
+        self.add_module(last_layer_name, last_layer)
+
+    def activation(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Maps the raw `(B, out_channels, H, W)` output to the head's quantity."""
+        raise NotImplementedError
+
+    def forward(
+        self, features: list[torch.Tensor] | tuple[torch.Tensor, ...], output_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Returns `activation(outputs)` `(B, out_channels, H, W)` for an image of `output_size = (H, W)` (before
+        padding)."""
+        height, width = output_size
+        hidden_states = self.neck(features)
+        hidden_states = hidden_states[:, :, : math.ceil(height / 32), : math.ceil(width / 32)]
+        outputs = getattr(self, self._last_layer_name)(self.decoder(hidden_states))
+        return self.activation(outputs[:, :, :height, :width])
+
+
+class VPDDepthHead(VPDConvDeconvHead):
+    r"""
+    The official VPD depth head: :class:`VPDConvDeconvHead` with one output channel and `sigmoid * max_depth`; returns
+    depth `(B, H, W)` in metres.
     """
 
     def __init__(
@@ -137,25 +184,54 @@ class VPDDepthHead(nn.Module):
         max_depth: float = 10.0,
         neck_init_std: float = 0.02,
     ) -> None:
-        super().__init__()
-        self.max_depth = float(max_depth)
-        self.neck = VPDDepthNeck(in_channels, neck_channels, init_std=neck_init_std)
-        self.decoder = VPDDepthDecoder(neck_channels, list(deconv_filters), list(deconv_kernels), head_channels)
-        self.last_layer_depth = nn.Sequential(
-            nn.Conv2d(head_channels, head_channels, 3, padding=1), nn.ReLU(), nn.Conv2d(head_channels, 1, 3, padding=1)
+        super().__init__(
+            in_channels,
+            1,
+            "last_layer_depth",
+            ("normal", 0.001),
+            neck_channels,
+            head_channels,
+            deconv_filters,
+            deconv_kernels,
+            neck_init_std,
         )
-        _tag_tree(self.last_layer_depth, ("normal", 0.001))
+        self.max_depth = float(max_depth)
 
-    def forward(
-        self, features: list[torch.Tensor] | tuple[torch.Tensor, ...], output_size: tuple[int, int]
-    ) -> torch.Tensor:
-        """Returns depth `(B, H, W)` in metres for an image of `output_size = (H, W)` (before padding)."""
-        height, width = output_size
-        hidden_states = self.neck(features)
-        hidden_states = hidden_states[:, :, : math.ceil(height / 32), : math.ceil(width / 32)]
-        logits = self.last_layer_depth(self.decoder(hidden_states))
-        depth = torch.sigmoid(logits) * self.max_depth
-        return depth[:, 0, :height, :width]
+    def activation(self, outputs: torch.Tensor) -> torch.Tensor:
+        return (torch.sigmoid(outputs) * self.max_depth)[:, 0]
+
+
+class VPDNormalsHead(VPDConvDeconvHead):
+    r"""
+    Surface-normal head: the depth head's architecture (:class:`VPDConvDeconvHead`, same neck, decoder and sizes) with
+    three output channels, L2-normalised per pixel; returns unit normals `(B, 3, H, W)` (camera frame, see
+    `VPDModelForNormalEstimation`). Its last convolutions keep PyTorch's default initialisation: the depth head's
+    std-0.001 init would start the normalisation on near-zero vectors, where its gradient is largest.
+    """
+
+    def __init__(
+        self,
+        in_channels: list[int],
+        neck_channels: int = 1536,
+        head_channels: int = 192,
+        deconv_filters: list[int] = (32, 32, 32),
+        deconv_kernels: list[int] = (2, 2, 2),
+        neck_init_std: float = 0.02,
+    ) -> None:
+        super().__init__(
+            in_channels,
+            3,
+            "last_layer_normals",
+            ("torch_default", None),
+            neck_channels,
+            head_channels,
+            deconv_filters,
+            deconv_kernels,
+            neck_init_std,
+        )
+
+    def activation(self, outputs: torch.Tensor) -> torch.Tensor:
+        return F.normalize(outputs.float(), dim=1, eps=1e-6).to(outputs.dtype)
 
 
 class VPDReferringDecoder(nn.Module):
@@ -264,10 +340,12 @@ class VPDSemanticFPNHead(nn.Module):
 
 __all__ = [
     "ConvBNReLU",
+    "VPDConvDeconvHead",
     "VPDDepthDecoder",
     "VPDDepthHead",
     "VPDDepthNeck",
     "VPDFPNNeck",
+    "VPDNormalsHead",
     "VPDReferringDecoder",
     "VPDSemanticFPNHead",
     "tag_init",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -23,14 +23,20 @@ from .configuration_vpd import SD15_UNET_CONFIG
 from .modeling_vpd import TASK_MODEL_CLASSES
 
 TASKS = tuple(TASK_MODEL_CLASSES)
-PIPELINE_TAGS = {"depth": "depth-estimation", "segmentation": "image-segmentation", "referring": "image-segmentation"}
+# The Hub has no pipeline tag for surface normals; Marigold-style normal models are listed as image-to-image. A
+# multi-task card takes the tag of its first task (depth when it has one: the depth pipeline loads the folder).
+PIPELINE_TAGS = {"depth": "depth-estimation", "segmentation": "image-segmentation", "referring": "image-segmentation",
+                 "normals": "image-to-image", "multitask": "depth-estimation"}  # fmt: skip
 TASK_NAMES = {
     "depth": "Monocular depth estimation",
     "segmentation": "Semantic segmentation",
     "referring": "Referring image segmentation",
+    "normals": "Surface normal estimation",
+    "multitask": "Dense prediction (several tasks from one pass)",
 }
 TASK_TAGS = {"depth": ["depth-estimation"], "segmentation": ["semantic-segmentation"],
-             "referring": ["referring-image-segmentation"]}  # fmt: skip
+             "referring": ["referring-image-segmentation"], "normals": ["surface-normal-estimation"],
+             "multitask": ["multi-task", "depth-estimation", "semantic-segmentation", "surface-normal-estimation"]}  # fmt: skip
 MODEL_CLASSES = {task: model_class.__name__ for task, model_class in TASK_MODEL_CLASSES.items()}
 # (metric key in vpd_hf's metrics, name in the VPD paper's tables, scale to the paper's unit, lower is better)
 PAPER_METRICS: dict[str, list[tuple[str, str, float, bool]]] = {
@@ -41,7 +47,16 @@ PAPER_METRICS: dict[str, list[tuple[str, str, float, bool]]] = {
     "referring": [("overall_iou", "oIoU", 100.0, False), ("mean_iou", "mIoU", 100.0, False),
                   ("precision@0.5", "P@0.5", 100.0, False), ("precision@0.7", "P@0.7", 100.0, False),
                   ("precision@0.9", "P@0.9", 100.0, False)],
+    # `vpd_hf.metrics` normals: angular errors in degrees, fractions of pixels within 11.25 / 22.5 / 30 degrees.
+    "normals": [("mean", "mean°", 1.0, True), ("median", "median°", 1.0, True), ("rmse", "RMSE°", 1.0, True),
+                ("a11.25", "11.25°", 100.0, False), ("a22.5", "22.5°", 100.0, False), ("a30", "30°", 100.0, False)],
 }  # fmt: skip
+# A multi-task model's evaluation names each metric `"{task}/{metric}"` (scripts/evaluate.py).
+PAPER_METRICS["multitask"] = [
+    (f"{task}/{key}", f"{task} {name}", scale, lower)
+    for task in ("depth", "segmentation", "normals")
+    for key, name, scale, lower in PAPER_METRICS[task]
+]
 # Card tag of the UNet family (SD 1.x models carry the generic "stable-diffusion" tag only, as before).
 BACKBONE_TAGS = {"sd2": "stable-diffusion-2", "sdxl": "stable-diffusion-xl"}
 SYNTHETIC_DATASET = ("vpd-hf/synthetic-scenes", "vpd_hf synthetic indoor scenes")
@@ -117,11 +132,12 @@ def eval_results(task: str, metrics: Mapping[str, Any], dataset_id: str, dataset
     results = []
     for key, name, scale, _ in PAPER_METRICS[task]:
         value = metrics.get(key)
+        metric_task = key.split("/")[0] if task == "multitask" else task  # each metric under its own task
         if isinstance(value, (int, float)) and math.isfinite(value):
             results.append(
                 EvalResult(
-                    task_type=PIPELINE_TAGS[task],
-                    task_name=TASK_NAMES[task],
+                    task_type=PIPELINE_TAGS[metric_task],
+                    task_name=TASK_NAMES[metric_task],
                     dataset_type=dataset_id,
                     dataset_name=dataset_name,
                     dataset_split=split,
@@ -177,7 +193,9 @@ def _round(value: Any) -> Any:
     return round(value) if isinstance(value, float) else value
 
 
-TASK_NOUNS = {"depth": "depth estimator", "segmentation": "semantic segmenter", "referring": "referring segmenter"}
+TASK_NOUNS = {"depth": "depth estimator", "segmentation": "semantic segmenter", "referring": "referring segmenter",
+              "normals": "surface-normal estimator", "multitask": "dense predictor"}  # fmt: skip
+TASK_PHRASES = {"depth": "metric depth", "segmentation": "semantic segmentation", "normals": "surface normals"}
 
 
 def _synthetic_note(task: str, synthetic: bool) -> str:
@@ -215,6 +233,14 @@ def _protocol_text(task: str, protocol: Mapping[str, Any] | None) -> str:
         if len(scales) > 1 or protocol.get("flip"):
             text += f", scales {scales}{' + flip' if protocol.get('flip') else ''} (probabilities averaged)"
         return text + ", 150 ADE20K classes (label 0 ignored)." if not protocol.get("synthetic") else text + "."
+    if task == "normals":
+        return ("angular error in degrees (mean, median, RMSE) and % of pixels within 11.25°, 22.5° and 30°, over the "
+                "pixels with a ground-truth normal (the NYUv2 normals protocol).")  # fmt: skip
+    if task == "multitask":
+        return " ".join(
+            f"{TASK_PHRASES[t].capitalize()}: {_protocol_text(t, {**protocol, 'segmentation_mode': 'whole'})}"
+            for t in ("depth", "segmentation", "normals")
+        )
     return "every expression of the split; overall IoU (cumulative), mean IoU, precision at IoU thresholds."
 
 
@@ -236,6 +262,7 @@ def create_model_card(
     max_depth: float | None = None,
     num_labels: int | None = None,
     token_length: int | None = None,
+    tasks: Sequence[str] | None = None,
 ):
     r"""
     A `huggingface_hub.ModelCard` for a VPD model of `task`.
@@ -251,6 +278,7 @@ def create_model_card(
         synthetic: whether the model was trained/evaluated on vpd_hf's synthetic scenes (default: inferred from
             `dataset` and the training record); the card then says so plainly.
         license: override the licence inferred from `base_model`.
+        tasks: the heads of a multi-task model (`config.tasks`; default depth, segmentation and normals).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -283,6 +311,7 @@ def create_model_card(
         eval_results=eval_results(task, metrics, dataset_id, dataset_name, split, dataset_config) or None,
     )
     template = template_path(task).read_text()
+    heads = [t for t in ("depth", "segmentation", "normals") if t in (tasks or ("depth", "segmentation", "normals"))]
     return ModelCard.from_template(
         card_data,
         template_str=template,
@@ -301,6 +330,13 @@ def create_model_card(
         max_depth=max_depth if max_depth is not None else 10.0,
         num_labels=num_labels,
         token_length=token_length,
+        tasks_text=", ".join(TASK_PHRASES[t] for t in heads),
+        conditioning_text=(
+            "The UNet is conditioned on one text token per class (the segmentation recipe), shared by every head; the "
+            "class tokens' cross-attention maps at 1/16 and 1/32 join the features of all heads."
+            if "segmentation" in heads
+            else "The UNet is conditioned on one scene token per image (the depth recipe), shared by every head."
+        ),
     )
 
 
@@ -345,6 +381,8 @@ def model_card_from_run(
                       split=train_config.get("eval_split"), protocol=training.get("protocol"))  # fmt: skip
     kwargs.update(max_depth=config.get("max_depth"), num_labels=len(config.get("id2label") or {}) or None,
                   token_length=config.get("token_length"))  # fmt: skip
+    if task == "multitask":
+        kwargs["tasks"] = config.get("tasks")
     kwargs.update(overrides)
     return create_model_card(task, repo_id=repo_id, **kwargs)
 

@@ -15,7 +15,7 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import ChannelDimension, PILImageResampling, SizeDict, infer_channel_dimension_format
 from transformers.processing_utils import ImagesKwargs, Unpack
 
-from .visualization import colorize_depth, depth_to_uint16_png, overlay_segmentation
+from .visualization import colorize_depth, depth_to_uint16_png, overlay_segmentation, visualize_normals
 
 IGNORE_INDEX = 255  # label of ignored pixels: padding, reduced "other" class
 
@@ -465,6 +465,35 @@ class VPDImageProcessor(PilBackend):
             results.append({"predicted_depth": depth})
         return results
 
+    def post_process_normal_estimation(
+        self,
+        outputs: Any,
+        target_sizes: torch.Tensor | Sequence[tuple[int, int]] | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        r"""
+        Removes the padding of each image's normals (its own extent in `outputs.pixel_mask` when present), resizes
+        them bilinearly to `target_sizes[i] = (height, width)` (e.g. the original image size) and renormalises every
+        vector to unit length (interpolation shortens them). Vectors that resize to zero (no information) stay zero.
+
+        Returns:
+            One `{"predicted_normals": (3, H, W) float32 tensor}` per image (camera frame, Marigold's convention).
+        """
+        normals = outputs["predicted_normals"] if isinstance(outputs, dict) else outputs.predicted_normals
+        if normals is None or normals.ndim != 4 or normals.shape[1] != 3:
+            raise ValueError("`outputs.predicted_normals` must be a (batch, 3, height, width) tensor.")
+        pixel_mask = _pixel_mask_of(outputs)
+        sizes = self._check_target_sizes(target_sizes, normals.shape[0])
+        results = []
+        for index, size in enumerate(sizes):
+            image = self._unpad(normals[index], None if pixel_mask is None else pixel_mask[index]).float()
+            if size is not None and tuple(image.shape[-2:]) != size:
+                antialias = size[0] < image.shape[-2] or size[1] < image.shape[-1]
+                image = F.interpolate(
+                    image[None], size=size, mode="bilinear", align_corners=False, antialias=antialias
+                )[0]
+            results.append({"predicted_normals": F.normalize(image, dim=0, eps=1e-6)})
+        return results
+
     def post_process_semantic_segmentation(
         self,
         outputs: Any,
@@ -540,6 +569,13 @@ class VPDImageProcessor(PilBackend):
     ) -> Image.Image:
         """Colour picture of a depth map; see :func:`vpd_hf.visualization.colorize_depth`."""
         return colorize_depth(depth, vmin=vmin, vmax=vmax, colormap=colormap)
+
+    @staticmethod
+    def visualize_normals(
+        normals: torch.Tensor | np.ndarray, flip_x: bool = False, flip_y: bool = False, flip_z: bool = False
+    ) -> Image.Image:
+        """Marigold-coloured picture of a `(3, H, W)` normals map; see :func:`vpd_hf.visualization.visualize_normals`."""
+        return visualize_normals(normals, flip_x=flip_x, flip_y=flip_y, flip_z=flip_z)
 
     @staticmethod
     def export_depth_to_16bit_png(depth: torch.Tensor | np.ndarray, scale: float = 1000.0) -> Image.Image:

@@ -82,4 +82,60 @@ def semantic_cross_entropy(
     return per_pixel.mean()
 
 
-__all__ = ["scale_invariant_log_error", "semantic_cross_entropy", "silog_loss"]
+def valid_normals(target_normals: torch.Tensor) -> torch.Tensor:
+    """`(B, H, W)` boolean: pixels of a `(B, 3, H, W)` normals map that hold a normal (finite, not the all-zero vector
+    that marks missing labels)."""
+    finite = torch.isfinite(target_normals).all(dim=1)
+    return finite & (torch.nan_to_num(target_normals).abs().sum(dim=1) > 0)
+
+
+def normals_cosine_loss(
+    predicted_normals: torch.Tensor,
+    target_normals: torch.Tensor,
+    valid_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""
+    `mean(1 - cos(n_pred, n_gt))` over the valid pixels of the batch (pooled, like :func:`silog_loss`).
+
+    Why 1 - cos rather than Bae et al.'s angular NLL: the NLL needs a second output (a concentration `kappa` per pixel)
+    and pays off with their uncertainty-guided pixel sampling, which VPD's convolutional head does not do; 1 - cos is
+    smooth and bounded (no clamping, unlike `acos`, whose gradient is infinite at 0 degrees), keeps the head's output
+    exactly the unit normal that the single-task and multi-task models share, and is on the same order of magnitude as
+    the other heads' losses (0 to 2), so the multi-task weights stay near 1. Targets are renormalised, so slightly
+    non-unit labels (e.g. after bilinear resizing) are fine.
+
+    Args:
+        predicted_normals: `(B, 3, H, W)` unit normals.
+        target_normals: `(B, 3, H, W)`; an all-zero vector (or a non-finite one) marks a pixel without a label.
+        valid_mask: optional `(B, H, W)` boolean (or 0/1) mask of pixels to use, e.g. to exclude padding.
+
+    Returns:
+        A scalar in float32. With no valid pixel the loss is 0 (still connected to `predicted_normals`).
+    """
+    if (
+        predicted_normals.ndim != 4
+        or predicted_normals.shape[1] != 3
+        or target_normals.shape != predicted_normals.shape
+    ):
+        raise ValueError(
+            f"`labels` (normals) must have the shape of the predicted normals {tuple(predicted_normals.shape)} "
+            f"(batch, 3, height, width), got {tuple(target_normals.shape)}."
+        )
+    if not target_normals.is_floating_point():
+        raise TypeError(f"`labels` (normals) must be a float tensor of unit vectors, got {target_normals.dtype}.")
+    valid = valid_normals(target_normals)
+    if valid_mask is not None:
+        if valid_mask.shape != valid.shape:
+            raise ValueError(
+                f"`pixel_mask` must have the shape {tuple(valid.shape)} of the labels' pixels, got {tuple(valid_mask.shape)}."
+            )
+        valid &= valid_mask.bool()
+    predicted = predicted_normals.float()
+    if not bool(valid.any()):
+        return predicted.sum() * 0.0
+    target = F.normalize(torch.nan_to_num(target_normals.float()), dim=1)
+    cosine = (predicted * target).sum(dim=1)
+    return (1.0 - cosine[valid]).mean()
+
+
+__all__ = ["normals_cosine_loss", "scale_invariant_log_error", "semantic_cross_entropy", "silog_loss", "valid_normals"]

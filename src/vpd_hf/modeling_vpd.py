@@ -3,6 +3,7 @@ Visual Perception", ICCV 2023), on diffusers modules and the transformers `PreTr
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -22,10 +23,10 @@ from transformers.utils import ModelOutput
 from .attention import ForwardRecorder, attention_key, install_cross_attention_capture
 from .backbones import UNET_OUTPUT, backbone_layout, sdxl_time_ids
 from .batching import crop, merge, merge_tuples, size_groups
-from .configuration_vpd import ATTENTION_RESOLUTIONS, VPDConfig
-from .heads import VPDDepthHead, VPDFPNNeck, VPDReferringDecoder, VPDSemanticFPNHead, tag_init
+from .configuration_vpd import ATTENTION_RESOLUTIONS, DENSE_TASKS, VPDConfig
+from .heads import VPDDepthHead, VPDFPNNeck, VPDNormalsHead, VPDReferringDecoder, VPDSemanticFPNHead, tag_init
 from .inference import test_time_logits
-from .losses import semantic_cross_entropy, silog_loss
+from .losses import normals_cosine_loss, semantic_cross_entropy, silog_loss
 from .prompts import (
     ADE20K_CLASS_NAMES,
     ADE20K_PROMPT_TEMPLATE,
@@ -133,6 +134,53 @@ class VPDSemanticSegmenterOutput(SemanticSegmenterOutput):
 
 
 @dataclass
+class VPDNormalEstimatorOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor`, *optional*): `1 - cos` angular loss over valid pixels, when `labels` are given.
+    predicted_normals (`torch.FloatTensor` of shape `(B, 3, H, W)`):
+        Unit surface normals in the camera frame (+x right, +y up, +z towards the observer; diffusers' Marigold
+        convention) at the input (`pixel_values`) resolution.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*): the backbone feature maps, when `output_hidden_states`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*): the cross-attention maps, when `output_attentions`.
+    pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*): the `pixel_mask` of the call, for post-processing.
+    """
+
+    loss: torch.FloatTensor | None = None
+    predicted_normals: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    pixel_mask: torch.LongTensor | None = None
+
+
+@dataclass
+class VPDDensePredictionOutput(ModelOutput):
+    r"""
+    The outputs of one pass of a multi-task model; a task the model has no head for (or without labels, for the losses)
+    is None.
+
+    loss (`torch.FloatTensor`, *optional*): `sum(config.task_loss_weights[t] * loss_t)` over the tasks given labels.
+    depth_loss, segmentation_loss, normals_loss (`torch.FloatTensor`, *optional*): each task's unweighted loss.
+    predicted_depth (`torch.FloatTensor` of shape `(B, H, W)`, *optional*): metric depth at the input resolution.
+    logits (`torch.FloatTensor` of shape `(B, num_labels, ceil(H / 8), ceil(W / 8))`, *optional*): class scores.
+    predicted_normals (`torch.FloatTensor` of shape `(B, 3, H, W)`, *optional*): unit normals at the input resolution.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*): the backbone feature maps, when `output_hidden_states`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*): the cross-attention maps, when `output_attentions`.
+    pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*): the `pixel_mask` of the call, for post-processing.
+    """
+
+    loss: torch.FloatTensor | None = None
+    depth_loss: torch.FloatTensor | None = None
+    segmentation_loss: torch.FloatTensor | None = None
+    normals_loss: torch.FloatTensor | None = None
+    predicted_depth: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    predicted_normals: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    pixel_mask: torch.LongTensor | None = None
+
+
+@dataclass
 class VPDReferringSegmentationOutput(ModelOutput):
     r"""
     loss (`torch.FloatTensor`, *optional*): class-weighted cross-entropy, when `labels` are given.
@@ -232,6 +280,10 @@ class VPDPreTrainedModel(PreTrainedModel):
     # Stable Diffusion's VAE overflows in float16 (not in bfloat16): `from_pretrained(dtype=torch.float16)` keeps it
     # in float32; `encode_images` casts its input and output.
     _keep_in_fp32_modules = ["vae"]
+    # The tasks `from_stable_diffusion` builds by default (None: the class has no head, e.g. the backbone).
+    _default_tasks: tuple[str, ...] | None = None
+    # `from_pretrained` key renaming from a multi-task folder's head names to this class's (single-task classes).
+    _multitask_key_mapping: dict[str, str] = {}
     _no_split_modules = [
         "BasicTransformerBlock",
         "ResnetBlock2D",
@@ -240,6 +292,7 @@ class VPDPreTrainedModel(PreTrainedModel):
         "UpBlock2D",
         "VPDVAEEncoder",
         "VPDDepthHead",
+        "VPDNormalsHead",
         "VPDSemanticFPNHead",
         "VPDReferringDecoder",
         "CLIPEncoderLayer",
@@ -292,6 +345,11 @@ class VPDPreTrainedModel(PreTrainedModel):
         transformers' `from_pretrained`. A plain load with an explicit `dtype` reads the safetensors tensor by tensor
         (see `vpd_hf.weights_loading`): the peak memory is the cast model plus one tensor, not plus the whole file.
         """
+        # A single-task class reads its head from a folder saved by `VPDModelForDensePrediction` (where the head is
+        # named after its task) and skips the other heads; `_keys_to_ignore_on_load_unexpected` keeps that silent.
+        renamed = bool(cls._multitask_key_mapping) and "key_mapping" not in kwargs
+        if renamed:
+            kwargs["key_mapping"] = dict(cls._multitask_key_mapping)
         files = None
         if casts_on_load(pretrained_model_name_or_path, model_args, kwargs):
             hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
@@ -309,6 +367,10 @@ class VPDPreTrainedModel(PreTrainedModel):
         model = result[0] if isinstance(result, tuple) else result
         if files is not None:  # as transformers records it when it reads the files itself
             model.name_or_path = model.config.name_or_path = str(pretrained_model_name_or_path)
+        if renamed:
+            # transformers would invert the renaming on `save_pretrained` (writing `depth_head.*` for the `head.*` of
+            # any depth model it loaded): a single-task model saves under its own names.
+            model._weight_conversions = None
         if isinstance(model, VPDPreTrainedModel):
             model.apply_frozen_parts()  # loading materialises fresh parameters, which would all require gradients
             model._own_integer_buffers()
@@ -352,6 +414,119 @@ class VPDPreTrainedModel(PreTrainedModel):
         return self
 
     # -- Stable Diffusion import --------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_stable_diffusion(
+        cls,
+        pretrained_model_name_or_path: str,
+        *,
+        tasks: Sequence[str] | None = None,
+        scene_names: Sequence[str] | None = None,
+        prompt_templates: Sequence[str] | None = None,
+        class_names: Sequence[str] | None = None,
+        prompt_template: str | None = None,
+        token_length: int | None = None,
+        dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        cache_dir: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool | None = None,
+        show_progress: bool = True,
+        **config_kwargs: Any,
+    ):
+        r"""
+        Builds this VPD class from a diffusers-layout Stable Diffusion checkpoint (SD 1.x, SD 2.x or SDXL; Hub id or
+        local folder with `unet/`, `vae/`, `text_encoder/` and `tokenizer/`, other subfolders ignored): the config
+        from the checkpoint's own component configs, the UNet and VAE-encoder weights, and the conditioning of the
+        tasks, made with the checkpoint's CLIP text encoder(s):
+
+        - class prompts (segmentation among the tasks): one pooled CLIP embedding per class, `prompt_template` filled
+          with the class name; cross-attention maps at 32x32 and 16x16 (512 scale). A segmentation-only model gets the
+          official sliding-window test procedure; a multi-task model runs one pass (`semantic_inference_mode="whole"`).
+        - scene prompts (depth and/or normals only): one embedding per scene, averaged over `prompt_templates`.
+        - referring: the text encoder is kept (frozen by default); `token_length` tokens per expression. The matching
+          processor (with the checkpoint's tokenizer) is `VPDProcessor.from_stable_diffusion(...)`.
+
+        The text encoders are dropped after use unless the model keeps them (referring).
+
+        Args:
+            pretrained_model_name_or_path: e.g. `"stable-diffusion-v1-5/stable-diffusion-v1-5"`.
+            tasks: the heads (default: this class's task; for `VPDModelForDensePrediction`, depth, segmentation and
+                normals). A single-task class given several tasks keeps their shared conditioning and builds its head.
+            scene_names: rows of the scene-prompt table (default: the 27 NYUv2 scene types, official order).
+            prompt_templates: scene templates with one `{}` (default: the 80 CLIP ImageNet templates).
+            class_names: the label names, in label order (default: ADE20K's 150).
+            prompt_template: the class template with one `{}` (default `"a photo of a {}."`).
+            token_length: tokens per referring expression (default 40: RefCOCO/RefCOCO+; 77 for RefCOCOg).
+            dtype: dtype of the returned model (weights are imported in float32).
+            config_kwargs: any other `VPDConfig` field (e.g. `max_depth=80.0`, `latent_scaling="scaling_factor"`).
+        """
+        if tasks is None:
+            if cls._default_tasks is None:
+                raise TypeError(f"{cls.__name__} has no task head; build a task class from Stable Diffusion instead.")
+            tasks = cls._default_tasks
+        if isinstance(tasks, str):
+            tasks = [tasks]
+        probe = VPDConfig(tasks=list(tasks), unet_config=None, num_prompts=0)  # validates `tasks` (canonical order)
+        tasks, conditioning = list(probe.tasks), probe.conditioning
+        own = cls._default_tasks or ()
+        if len(own) == 1 and own[0] not in tasks:
+            raise ValueError(f"`tasks` {tasks} has no {own[0]} head for {cls.__name__}.")
+        unused = {
+            "scene_names": conditioning == "scene_prompt",
+            "prompt_templates": conditioning == "scene_prompt",
+            "class_names": conditioning == "class_prompts",
+            "prompt_template": conditioning == "class_prompts",
+            "token_length": conditioning == "text",
+        }
+        given = {
+            "scene_names": scene_names,
+            "prompt_templates": prompt_templates,
+            "class_names": class_names,
+            "prompt_template": prompt_template,
+            "token_length": token_length,
+        }
+        for name, used in unused.items():
+            if given[name] is not None and not used:
+                raise ValueError(f"`{name}` does not apply to tasks {tasks} (their conditioning is {conditioning!r}).")
+
+        def make_prompts(text: StableDiffusionText) -> dict[str, Any]:
+            if conditioning == "text":
+                return {
+                    **text.text_encoder_entries(),
+                    "num_prompts": 0,
+                    "token_length": 40 if token_length is None else token_length,
+                }
+            if conditioning == "class_prompts":
+                template = ADE20K_PROMPT_TEMPLATE if prompt_template is None else prompt_template
+                tables = text.encode_prompts(names, [template], show_progress=show_progress)
+                return {
+                    **tables,
+                    "num_prompts": len(names),
+                    "prompt_names": names,
+                    "prompt_templates": [template],
+                    "id2label": dict(enumerate(names)),
+                    "label2id": {name: index for index, name in enumerate(names)},
+                    # The official test procedure for segmentation alone; one pass for a multi-task model.
+                    "semantic_inference_mode": "slide" if tasks == ["segmentation"] else "whole",
+                }
+            tables = text.encode_prompts(
+                names, templates, max_length=NYU_PROMPT_MAX_LENGTH, show_progress=show_progress
+            )
+            return {**tables, "num_prompts": len(names), "prompt_names": names, "prompt_templates": templates}
+
+        if conditioning == "class_prompts":
+            names = list(class_names) if class_names is not None else list(ADE20K_CLASS_NAMES)
+            if len(set(names)) != len(names):
+                raise ValueError("`class_names` must be unique (they become `id2label` / `label2id`).")
+        else:
+            names = list(scene_names) if scene_names is not None else list(NYU_SCENE_NAMES)
+            templates = list(prompt_templates) if prompt_templates is not None else list(CLIP_IMAGENET_TEMPLATES)
+        hub_kwargs = _hub_kwargs(revision, variant, cache_dir, token, local_files_only)
+        return cls._build_from_stable_diffusion(
+            pretrained_model_name_or_path, make_prompts, {"tasks": tasks, **config_kwargs}, hub_kwargs, dtype
+        )
 
     @classmethod
     def _build_from_stable_diffusion(
@@ -758,29 +933,262 @@ class VPDModel(VPDPreTrainedModel):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Dense tasks: one composition (backbone -> shared conditioning -> heads -> losses) for every dense class
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The head modules of each task (role -> attribute name) in `VPDModelForDensePrediction`; a single-task class names them
+# by role (`head`, `neck`), as its checkpoints always have.
+_MULTITASK_MODULES: dict[str, dict[str, str]] = {
+    "depth": {"head": "depth_head"},
+    "segmentation": {"neck": "segmentation_neck", "head": "segmentation_head"},
+    "normals": {"head": "normals_head"},
+}
+
+
+def _build_task_modules(task: str, config: VPDConfig, channels: list[int]) -> dict[str, nn.Module]:
+    """The head modules of `task` (by role) on backbone feature maps of `channels`."""
+    if task == "segmentation":
+        return {
+            "neck": VPDFPNNeck(channels, config.fpn_channels),
+            "head": VPDSemanticFPNHead(
+                config.num_labels,
+                in_channels=config.fpn_channels,
+                channels=config.semantic_head_channels,
+                dropout=config.semantic_classifier_dropout,
+            ),
+        }
+    kwargs = dict(
+        in_channels=channels,
+        neck_channels=config.depth_neck_channels,
+        head_channels=config.depth_head_channels,
+        deconv_filters=config.depth_deconv_filters,
+        deconv_kernels=config.depth_deconv_kernels,
+        neck_init_std=config.initializer_range,
+    )
+    if task == "depth":
+        return {"head": VPDDepthHead(max_depth=config.max_depth, **kwargs)}
+    return {"head": VPDNormalsHead(**kwargs)}
+
+
+def _segmentation_to_input_resolution(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear x8 of 1/8 logits, cropped to the input `size` (exactly the input grid, also for sizes that are not
+    multiples of 8)."""
+    upsampled = F.interpolate(
+        logits, size=(logits.shape[-2] * 8, logits.shape[-1] * 8), mode="bilinear", align_corners=False
+    )
+    return upsampled[..., : size[0], : size[1]]
+
+
+def _prediction_size(task: str, size: tuple[int, int]) -> tuple[int, int]:
+    """The spatial size of `task`'s prediction for an input of `size`: the input's, or 1/8 of it (segmentation)."""
+    return (math.ceil(size[0] / 8), math.ceil(size[1] / 8)) if task == "segmentation" else tuple(size)
+
+
+class VPDDenseTaskModel(VPDPreTrainedModel):
+    r"""
+    The composition shared by the dense VPD classes (depth, semantic segmentation, surface normals, and all of them at
+    once): `pixel_values -> VAE -> UNet (one pass, with the conditioning of `config.conditioning`) -> each head ->
+    each task's loss`. A subclass chooses its heads (`_head_tasks`, None: `config.tasks`) and their attribute names.
+
+    A single-task class built on a multi-task config (e.g. loaded from a folder saved by
+    :class:`VPDModelForDensePrediction`) keeps that config's conditioning and builds only its own head, so its output
+    is exactly that head's output in the multi-task model.
+    """
+
+    # The heads this class builds (None: all of `config.tasks`) and each head's module names (role -> attribute).
+    _head_tasks: tuple[str, ...] | None = None
+    _task_modules: dict[str, dict[str, str]] = _MULTITASK_MODULES
+
+    def __init__(self, config: VPDConfig) -> None:
+        config = self._config_for_heads(config)
+        super().__init__(config)
+        self.vpd = VPDModel(config)
+        if config.conditioning == "class_prompts" and config.num_prompts != config.num_labels:
+            raise ValueError(
+                f"Segmentation needs one class prompt per label: `num_prompts` is {config.num_prompts} but the config "
+                f"has {config.num_labels} labels (`id2label`)."
+            )
+        channels = self.vpd.feature_channels(num_tokens=config.context_tokens)
+        for task in self.tasks:
+            for role, module in _build_task_modules(task, config, channels).items():
+                self.add_module(self._task_modules[task][role], module)
+        self.post_init()
+
+    @classmethod
+    def _config_for_heads(cls, config: VPDConfig) -> VPDConfig:
+        """`config`, or for a single-task class given the config of another single task (as any VPD config could
+        build any class before configs named their tasks) a copy naming this class's task."""
+        if cls._head_tasks is None or set(cls._head_tasks) <= set(config.tasks):
+            return config
+        if len(config.tasks) > 1 or "referring" in config.tasks:
+            raise ValueError(
+                f"{cls.__name__} needs a {' and '.join(cls._head_tasks)} head, but this config's tasks are "
+                f"{config.tasks}."
+            )
+        config = copy.deepcopy(config)
+        config.tasks = list(cls._head_tasks)
+        return config
+
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks this model has a head for (canonical order: depth, segmentation, normals)."""
+        heads = self._head_tasks if self._head_tasks is not None else self.config.tasks
+        return [task for task in self.config.tasks if task in heads] or list(heads)
+
+    def _task_module(self, task: str, role: str = "head") -> nn.Module:
+        return getattr(self, self._task_modules[task][role])
+
+    # -- the pass ------------------------------------------------------------------------------------------------------
+
+    def _conditioning(
+        self, scene_ids: torch.Tensor | Sequence[int] | None, batch_size: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`prompt_embeds` and (SDXL) `pooled_prompt_embeds` for `VPDModel.forward`: one scene token per image, or
+        (None, None) for the whole class-prompt table, shared by the batch (see `VPDConfig.conditioning`)."""
+        if self.config.conditioning == "class_prompts":
+            if scene_ids is not None:
+                raise ValueError(
+                    "`scene_ids`: this model is conditioned on its class prompts (shared by all heads of its tasks "
+                    f"{self.config.tasks}), not on a scene prompt; leave `scene_ids` out."
+                )
+            return None, None
+        return (
+            self.vpd.get_prompt_embeddings(scene_ids, batch_size),
+            self.vpd.get_pooled_prompt_embeddings(scene_ids, batch_size),  # SDXL only, else None
+        )
+
+    def _apply_head(self, task: str, features: tuple[torch.Tensor, ...], size: tuple[int, int]) -> torch.Tensor:
+        """`task`'s prediction from one pass's feature maps, for images of `size` (H, W) before padding: depth
+        `(B, H, W)`, normals `(B, 3, H, W)`, segmentation logits `(B, C, ceil(H / 8), ceil(W / 8))`."""
+        if task == "segmentation":
+            logits = self._task_module(task)(self._task_module(task, "neck")(features))
+            return logits[..., : math.ceil(size[0] / 8), : math.ceil(size[1] / 8)]
+        return self._task_module(task)(features, size)
+
+    def _dense_pass(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None,
+        scene_ids: torch.Tensor | Sequence[int] | None,
+        tasks: Sequence[str],
+    ) -> tuple[dict[str, torch.Tensor], VPDBackboneOutput]:
+        r"""
+        One VAE + UNet pass for `pixel_values` `(B, 3, H, W)` and the predictions of `tasks` from it (see
+        :meth:`_apply_head`). With `pixel_mask`, images of different sizes run at their own padded sizes, one pass
+        per size group (see `vpd_hf.batching`), so that every output is independent of the rest of the batch.
+        """
+        self.vpd._check_pixel_values(pixel_values)
+        _check_pixel_mask(pixel_mask, pixel_values)
+        batch_size, _, height, width = pixel_values.shape
+        prompt_embeds, pooled = self._conditioning(scene_ids, batch_size)
+        groups = size_groups(pixel_mask, self.config.pad_multiple)
+        if groups is None:
+            backbone = self.vpd(pixel_values=pixel_values, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled)
+            return {task: self._apply_head(task, backbone.feature_maps, (height, width)) for task in tasks}, backbone
+        parts = []
+        for group in groups:
+            out = self.vpd(
+                pixel_values=crop(pixel_values, group),
+                prompt_embeds=None if prompt_embeds is None else prompt_embeds[group.indices],
+                pooled_prompt_embeds=None if pooled is None else pooled[group.indices],
+            )
+            parts.append(({task: self._apply_head(task, out.feature_maps, group.size) for task in tasks}, out))
+        rows = [group.indices for group in groups]
+        predictions = {
+            task: merge(
+                [part[task] for part, _ in parts], rows, batch_size, size=_prediction_size(task, (height, width))
+            )
+            for task in tasks
+        }
+        return predictions, _merge_backbone_outputs([out for _, out in parts], rows, batch_size)
+
+    # -- losses --------------------------------------------------------------------------------------------------------
+
+    def _check_labels(self, task: str, labels: torch.Tensor | None, pixel_values: torch.Tensor) -> None:
+        """Raises a `ValueError` naming `argument` for labels of the wrong type or shape (before the pass runs)."""
+        if labels is None:
+            return
+        argument = self._label_argument(task)
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"`{argument}` must be a torch.Tensor, got {type(labels).__name__}.")
+        batch_size, _, height, width = pixel_values.shape
+        expected = (batch_size, 3, height, width) if task == "normals" else (batch_size, height, width)
+        if tuple(labels.shape) != expected:
+            if task == "segmentation":
+                raise ValueError(
+                    f"`{argument}` must have shape {expected} (one class index per pixel), got {tuple(labels.shape)}."
+                )
+            what = "depth in metres" if task == "depth" else "unit normals"
+            raise ValueError(
+                f"`{argument}` must have the shape of the prediction, {expected} ({what}), got {tuple(labels.shape)}."
+            )
+        if task == "segmentation" and (labels.is_floating_point() or labels.dtype == torch.bool):
+            raise TypeError(f"`{argument}` must be an integer tensor of class indices, got {labels.dtype}.")
+        if task != "segmentation" and not labels.is_floating_point():
+            raise TypeError(f"`{argument}` must be a float tensor, got {labels.dtype}.")
+
+    def _label_argument(self, task: str) -> str:
+        return "labels"
+
+    def _task_loss(
+        self, task: str, prediction: torch.Tensor, labels: torch.Tensor, pixel_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`task`'s training loss (padding, where `pixel_mask` is 0, left out): scale-invariant log loss (depth),
+        cross-entropy at the input resolution (segmentation), `1 - cos` (normals)."""
+        if task == "depth":
+            return silog_loss(prediction, labels, self.config.silog_lambda, valid_mask=pixel_mask)
+        if task == "normals":
+            return normals_cosine_loss(prediction, labels, valid_mask=pixel_mask)
+        ignore_index = self.config.semantic_loss_ignore_index
+        if pixel_mask is not None:
+            labels = labels.masked_fill(pixel_mask == 0, ignore_index)
+        return semantic_cross_entropy(
+            _segmentation_to_input_resolution(prediction, labels.shape[-2:]),
+            labels,
+            ignore_index=ignore_index,
+            avg_non_ignore=self.config.semantic_loss_avg_non_ignore,
+        )
+
+    def _single_task_forward(
+        self,
+        task: str,
+        pixel_values: torch.Tensor,
+        scene_ids: torch.Tensor | Sequence[int] | None,
+        labels: torch.Tensor | None,
+        pixel_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, VPDBackboneOutput]:
+        """The prediction of `task`, its loss when `labels` are given, and the backbone output of one pass."""
+        self._check_labels(task, labels, pixel_values)
+        predictions, backbone = self._dense_pass(pixel_values, pixel_mask, scene_ids, (task,))
+        loss = None if labels is None else self._task_loss(task, predictions[task], labels, pixel_mask)
+        return predictions[task], loss, backbone
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Depth estimation
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class VPDModelForDepthEstimation(VPDPreTrainedModel):
+def _single_task_loading(task: str) -> tuple[dict[str, str], list[str]]:
+    """`from_pretrained` key renaming (multi-task head names -> this task's) and the other heads' key patterns, whose
+    weights a single-task class skips without a warning."""
+    mapping = {rf"^{name}\.": f"{role}." for role, name in _MULTITASK_MODULES[task].items()}
+    others = [name for other, names in _MULTITASK_MODULES.items() if other != task for name in names.values()]
+    return mapping, [rf"^{name}\." for name in others]
+
+
+class VPDModelForDepthEstimation(VPDDenseTaskModel):
     r"""
     VPD for monocular metric depth (NYUv2): the backbone conditioned on one scene token per image, the official
-    conv-deconv depth head with `sigmoid * max_depth` output, and the scale-invariant log loss.
+    conv-deconv depth head with `sigmoid * max_depth` output, and the scale-invariant log loss. Built on a multi-task
+    config (a folder saved by :class:`VPDModelForDensePrediction`), it keeps that model's conditioning (the class
+    prompts, when segmentation is among its tasks) and gives its depth head's output.
     """
 
-    def __init__(self, config: VPDConfig) -> None:
-        super().__init__(config)
-        self.vpd = VPDModel(config)
-        self.head = VPDDepthHead(
-            in_channels=self.vpd.feature_channels(num_tokens=1),
-            neck_channels=config.depth_neck_channels,
-            head_channels=config.depth_head_channels,
-            deconv_filters=config.depth_deconv_filters,
-            deconv_kernels=config.depth_deconv_kernels,
-            max_depth=config.max_depth,
-            neck_init_std=config.initializer_range,
-        )
-        self.post_init()
+    _default_tasks = ("depth",)
+    _head_tasks = ("depth",)
+    _task_modules = {"depth": {"head": "head"}}
+    _multitask_key_mapping, _keys_to_ignore_on_load_unexpected = _single_task_loading("depth")
 
     def forward(
         self,
@@ -797,6 +1205,7 @@ class VPDModelForDepthEstimation(VPDPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): images in [-1, 1], any size.
             scene_ids (`torch.LongTensor` of shape `(B,)`, *optional*):
                 Row of the scene-prompt table per image (`config.prompt_names`); -1 or None uses the mean prompt.
+                Not accepted by a model conditioned on class prompts (built with segmentation).
             labels (`torch.FloatTensor` of shape `(B, H, W)`, *optional*):
                 Ground-truth depth in metres; 0 (or NaN/inf) marks pixels without depth.
             pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*):
@@ -807,32 +1216,9 @@ class VPDModelForDepthEstimation(VPDPreTrainedModel):
             [`VPDDepthEstimatorOutput`] with `predicted_depth` `(B, H, W)` in metres and `loss` when `labels` are given.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        self.vpd._check_pixel_values(pixel_values)
-        batch_size, _, height, width = pixel_values.shape
-        _check_pixel_mask(pixel_mask, pixel_values)
-        prompt_embeds = self.vpd.get_prompt_embeddings(scene_ids, batch_size)
-        pooled = self.vpd.get_pooled_prompt_embeddings(scene_ids, batch_size)  # SDXL only, else None
-        groups = size_groups(pixel_mask, self.config.pad_multiple)
-        if groups is None:
-            backbone = self.vpd(pixel_values=pixel_values, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled)
-            predicted_depth = self.head(backbone.feature_maps, (height, width))
-        else:  # images of different sizes: each at its own padded size (see `vpd_hf.batching`)
-            parts = []
-            for group in groups:
-                out = self.vpd(
-                    pixel_values=crop(pixel_values, group),
-                    prompt_embeds=prompt_embeds[group.indices],
-                    pooled_prompt_embeds=None if pooled is None else pooled[group.indices],
-                )
-                parts.append((self.head(out.feature_maps, group.size), out))
-            rows = [group.indices for group in groups]
-            predicted_depth = merge([depth for depth, _ in parts], rows, batch_size, size=(height, width))
-            backbone = _merge_backbone_outputs([out for _, out in parts], rows, batch_size)
-
-        loss = None
-        if labels is not None:
-            loss = silog_loss(predicted_depth, labels, self.config.silog_lambda, valid_mask=pixel_mask)
-
+        predicted_depth, loss, backbone = self._single_task_forward(
+            "depth", pixel_values, scene_ids, labels, pixel_mask
+        )
         output = VPDDepthEstimatorOutput(
             loss=loss,
             predicted_depth=predicted_depth,
@@ -842,62 +1228,13 @@ class VPDModelForDepthEstimation(VPDPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    @classmethod
-    def from_stable_diffusion(
-        cls,
-        pretrained_model_name_or_path: str,
-        scene_names: Sequence[str] | None = None,
-        prompt_templates: Sequence[str] | None = None,
-        *,
-        dtype: torch.dtype | None = None,
-        revision: str | None = None,
-        variant: str | None = None,
-        cache_dir: str | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool | None = None,
-        show_progress: bool = True,
-        **config_kwargs: Any,
-    ) -> VPDModelForDepthEstimation:
-        r"""
-        Builds a VPD depth model from a diffusers-layout Stable Diffusion checkpoint (Hub id or local folder with
-        `unet/`, `vae/`, `text_encoder/` and `tokenizer/`; other subfolders are ignored): the config comes from the
-        checkpoint's own component configs, the UNet and VAE-encoder weights are imported, and the scene prompts are
-        embedded with the checkpoint's CLIP text encoder (pooled EOS output, averaged over the templates), which is
-        then dropped.
-
-        Args:
-            pretrained_model_name_or_path: e.g. `"stable-diffusion-v1-5/stable-diffusion-v1-5"`.
-            scene_names: rows of the scene-prompt table (default: the 27 NYUv2 scene types, official order).
-            prompt_templates: templates with one `{}` (default: the 80 CLIP ImageNet templates).
-            dtype: dtype of the returned model (weights are imported in float32).
-            config_kwargs: any other `VPDConfig` field (e.g. `max_depth=80.0`, `latent_scaling="scaling_factor"`).
-        """
-        names = list(scene_names) if scene_names is not None else list(NYU_SCENE_NAMES)
-        templates = list(prompt_templates) if prompt_templates is not None else list(CLIP_IMAGENET_TEMPLATES)
-
-        def make_prompts(text: StableDiffusionText) -> dict[str, Any]:
-            tables = text.encode_prompts(
-                names, templates, max_length=NYU_PROMPT_MAX_LENGTH, show_progress=show_progress
-            )
-            return {
-                **tables,
-                "num_prompts": len(names),
-                "prompt_names": names,
-                "prompt_templates": templates,
-            }
-
-        hub_kwargs = _hub_kwargs(revision, variant, cache_dir, token, local_files_only)
-        return cls._build_from_stable_diffusion(
-            pretrained_model_name_or_path, make_prompts, config_kwargs, hub_kwargs, dtype
-        )
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Semantic segmentation
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class VPDModelForSegmentation(VPDPreTrainedModel):
+class VPDModelForSegmentation(VPDDenseTaskModel):
     r"""
     VPD for semantic segmentation (ADE20K): the backbone conditioned on the whole class-prompt table (one token per
     class, shared by the batch), the class tokens' cross-attention maps concatenated to the 1/16 and 1/32 features, an
@@ -908,48 +1245,23 @@ class VPDModelForSegmentation(VPDPreTrainedModel):
     multi-scale and flip averaging, so that pipelines get the evaluation-quality prediction.
     """
 
-    def __init__(self, config: VPDConfig) -> None:
-        super().__init__(config)
-        if config.num_prompts != config.num_labels:
-            raise ValueError(
-                f"Segmentation needs one class prompt per label: `num_prompts` is {config.num_prompts} but the config "
-                f"has {config.num_labels} labels (`id2label`)."
-            )
-        self.vpd = VPDModel(config)
-        self.neck = VPDFPNNeck(self.vpd.feature_channels(num_tokens=config.num_prompts), config.fpn_channels)
-        self.head = VPDSemanticFPNHead(
-            config.num_labels,
-            in_channels=config.fpn_channels,
-            channels=config.semantic_head_channels,
-            dropout=config.semantic_classifier_dropout,
-        )
-        self.post_init()
+    _default_tasks = ("segmentation",)
+    _head_tasks = ("segmentation",)
+    _task_modules = {"segmentation": {"neck": "neck", "head": "head"}}
+    _multitask_key_mapping, _keys_to_ignore_on_load_unexpected = _single_task_loading("segmentation")
 
     def _single_pass(
         self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, VPDBackboneOutput]:
         """Logits `(B, C, ceil(H / 8), ceil(W / 8))` of one pass, and the backbone output; with `pixel_mask`, images of
         different sizes run at their own padded sizes (see `vpd_hf.batching`)."""
-        height, width = pixel_values.shape[-2:]
-        size = (math.ceil(height / 8), math.ceil(width / 8))
-        groups = size_groups(pixel_mask, self.config.pad_multiple)
-        if groups is None:
-            backbone = self.vpd(pixel_values=pixel_values)
-            logits = self.head(self.neck(backbone.feature_maps))
-            return logits[..., : size[0], : size[1]], backbone
-        parts = [self._single_pass(crop(pixel_values, group)) for group in groups]
-        rows, batch_size = [group.indices for group in groups], pixel_values.shape[0]
-        logits = merge([logits for logits, _ in parts], rows, batch_size, size=size)
-        return logits, _merge_backbone_outputs([out for _, out in parts], rows, batch_size)
+        predictions, backbone = self._dense_pass(pixel_values, pixel_mask, None, ("segmentation",))
+        return predictions["segmentation"], backbone
 
     @staticmethod
     def _to_input_resolution(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Bilinear x8 of 1/8 logits, cropped to the input `size` (exactly the input grid, also for sizes that are
-        not multiples of 8)."""
-        upsampled = F.interpolate(
-            logits, size=(logits.shape[-2] * 8, logits.shape[-1] * 8), mode="bilinear", align_corners=False
-        )
-        return upsampled[..., : size[0], : size[1]]
+        """Bilinear x8 of 1/8 logits, cropped to the input `size`."""
+        return _segmentation_to_input_resolution(logits, size)
 
     def dense_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """One pass, logits `(B, num_labels, H, W)` at the input resolution (the `logits_fn` of the test procedures)."""
@@ -1026,13 +1338,6 @@ class VPDModelForSegmentation(VPDPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         self.vpd._check_pixel_values(pixel_values)
         _check_pixel_mask(pixel_mask, pixel_values)
-        height, width = pixel_values.shape[-2:]
-        if labels is not None and tuple(labels.shape) != (pixel_values.shape[0], height, width):
-            raise ValueError(
-                f"`labels` must have shape {(pixel_values.shape[0], height, width)} (one class index per pixel), "
-                f"got {tuple(labels.shape)}."
-            )
-
         if not self.training and labels is None and self._uses_test_time_procedure():
             if output_hidden_states or output_attentions:
                 raise ValueError(
@@ -1044,18 +1349,7 @@ class VPDModelForSegmentation(VPDPreTrainedModel):
             )
             return output if return_dict else output.to_tuple()
 
-        logits, backbone = self._single_pass(pixel_values, pixel_mask)
-        loss = None
-        if labels is not None:
-            ignore_index = self.config.semantic_loss_ignore_index
-            if pixel_mask is not None:
-                labels = labels.masked_fill(pixel_mask == 0, ignore_index)
-            loss = semantic_cross_entropy(
-                self._to_input_resolution(logits, (height, width)),
-                labels,
-                ignore_index=ignore_index,
-                avg_non_ignore=self.config.semantic_loss_avg_non_ignore,
-            )
+        logits, loss, backbone = self._single_task_forward("segmentation", pixel_values, None, labels, pixel_mask)
         output = VPDSemanticSegmenterOutput(
             loss=loss,
             logits=logits,
@@ -1065,60 +1359,169 @@ class VPDModelForSegmentation(VPDPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    @classmethod
-    def from_stable_diffusion(
-        cls,
-        pretrained_model_name_or_path: str,
-        class_names: Sequence[str] | None = None,
-        prompt_template: str = ADE20K_PROMPT_TEMPLATE,
-        *,
-        dtype: torch.dtype | None = None,
-        revision: str | None = None,
-        variant: str | None = None,
-        cache_dir: str | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool | None = None,
-        show_progress: bool = True,
-        **config_kwargs: Any,
-    ) -> VPDModelForSegmentation:
-        r"""
-        Builds a VPD segmentation model from a diffusers-layout Stable Diffusion checkpoint (Hub id or local folder):
-        the config from its component configs, the UNet and VAE-encoder weights, and one class prompt per class, the
-        pooled CLIP embedding of `prompt_template` filled with the class name (the CLIP text encoder is used once and
-        dropped). Defaults: the 150 ADE20K classes, cross-attention maps at 32x32 and 16x16 (for 512 inputs) and the
-        official sliding-window test procedure.
-
-        Args:
-            pretrained_model_name_or_path: e.g. `"stable-diffusion-v1-5/stable-diffusion-v1-5"`.
-            class_names: the label names, in label order (default: ADE20K's 150).
-            prompt_template: a template with one `{}` (default `"a photo of a {}."`).
-            dtype: dtype of the returned model (weights are imported in float32).
-            config_kwargs: any other `VPDConfig` field (e.g. `attention_resolutions=[]`, `semantic_inference_mode=...`).
-        """
-        names = list(class_names) if class_names is not None else list(ADE20K_CLASS_NAMES)
-        if len(set(names)) != len(names):
-            raise ValueError("`class_names` must be unique (they become `id2label` / `label2id`).")
-
-        def make_prompts(text: StableDiffusionText) -> dict[str, Any]:
-            tables = text.encode_prompts(names, [prompt_template], show_progress=show_progress)
-            return {
-                **tables,
-                "num_prompts": len(names),
-                "prompt_names": names,
-                "prompt_templates": [prompt_template],
-                "id2label": dict(enumerate(names)),
-                "label2id": {name: index for index, name in enumerate(names)},
-                "attention_resolutions": [32, 16],
-                "semantic_inference_mode": "slide",
-            }
-
-        hub_kwargs = _hub_kwargs(revision, variant, cache_dir, token, local_files_only)
-        return cls._build_from_stable_diffusion(
-            pretrained_model_name_or_path, make_prompts, config_kwargs, hub_kwargs, dtype
-        )
-
 
 VPDModelForSemanticSegmentation = VPDModelForSegmentation
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Surface normals
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class VPDModelForNormalEstimation(VPDDenseTaskModel):
+    r"""
+    VPD for surface-normal estimation: the depth model's backbone and conditioning (one scene token per image; the
+    class prompts and their attention maps when built on a multi-task config with segmentation), a head of the depth
+    head's architecture with three outputs normalised to unit length (:class:`VPDNormalsHead`), and the `1 - cos` loss
+    on valid pixels (see `vpd_hf.losses.normals_cosine_loss` for why not the angular NLL).
+
+    Convention (diffusers' Marigold, so that `MarigoldImageProcessor.visualize_normals` and
+    `vpd_hf.visualization.visualize_normals` colour them alike): unit vectors in the camera frame, +x to the right of
+    the image, +y up, +z towards the observer (out of the screen); a wall facing the camera is `(0, 0, 1)`, a floor
+    `(0, 1, 0)`. Colour = `(n + 1) / 2`.
+    """
+
+    _default_tasks = ("normals",)
+    _head_tasks = ("normals",)
+    _task_modules = {"normals": {"head": "head"}}
+    _multitask_key_mapping, _keys_to_ignore_on_load_unexpected = _single_task_loading("normals")
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        scene_ids: torch.Tensor | Sequence[int] | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> VPDNormalEstimatorOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): images in [-1, 1], any size.
+            scene_ids (`torch.LongTensor` of shape `(B,)`, *optional*):
+                Row of the scene-prompt table per image; -1 or None uses the mean prompt. Not accepted by a model
+                conditioned on class prompts (built with segmentation).
+            labels (`torch.FloatTensor` of shape `(B, 3, H, W)`, *optional*):
+                Ground-truth unit normals in the convention above; an all-zero vector marks a pixel without a label.
+            pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*):
+                1 on image pixels and 0 on padding; padding is left out of the loss and the mask is returned.
+
+        Returns:
+            [`VPDNormalEstimatorOutput`] with `predicted_normals` `(B, 3, H, W)` (unit length) and `loss` when
+            `labels` are given.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        normals, loss, backbone = self._single_task_forward("normals", pixel_values, scene_ids, labels, pixel_mask)
+        output = VPDNormalEstimatorOutput(
+            loss=loss,
+            predicted_normals=normals,
+            hidden_states=backbone.feature_maps if output_hidden_states else None,
+            attentions=backbone.attention_maps if output_attentions else None,
+            pixel_mask=pixel_mask,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several dense tasks from one pass
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class VPDModelForDensePrediction(VPDDenseTaskModel):
+    r"""
+    Several dense tasks from ONE VAE + UNet pass: a head per task of `config.tasks` (any non-empty subset of depth,
+    semantic segmentation and surface normals) on the same feature maps, each task's loss, and their weighted sum
+    (`config.task_loss_weights`). The backbone (about 1.9 TFLOPs per 512x512 crop for SD 1.5) dominates the cost, so
+    two or three tasks cost little more than one.
+
+    Conditioning shared by all heads (`config.conditioning`): with segmentation among the tasks, the whole class-prompt
+    table (one token per class, as the segmentation recipe), whose 32x32 and 16x16 cross-attention maps join the
+    features of every head; without it, the depth recipe's scene token per image (`scene_ids`). Why the class prompts
+    and no scene token next to them: the segmentation head needs one attention-map channel per class, which only the
+    class tokens give, while the scene token of the depth recipe is the scene table's mean whenever the scene is
+    unknown (as at inference on arbitrary images), a constant the class tokens already subsume; a scene token would also
+    add a channel to every attention map that single-task segmentation checkpoints do not have. The depth and normals
+    heads read the attention maps too (their first layers take the extra channels), which makes each head's input the
+    same in this model and in a single-task class loaded from its folder.
+
+    The single-task classes (`VPDModelForDepthEstimation`, `VPDModelForSegmentation`, `VPDModelForNormalEstimation`,
+    and the Auto classes and pipelines built on them) load a folder saved by this class: same conditioning, same output
+    as the corresponding head here. Segmentation logits come from the single pass (`semantic_inference_mode` applies to
+    the single-task segmentation class only). Referring segmentation is not a task of this model: its conditioning is
+    the sentence, a pass per expression.
+    """
+
+    _default_tasks = DENSE_TASKS
+
+    def _label_argument(self, task: str) -> str:
+        return {"depth": "depth_labels", "segmentation": "segmentation_labels", "normals": "normal_labels"}[task]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        depth_labels: torch.Tensor | None = None,
+        segmentation_labels: torch.Tensor | None = None,
+        normal_labels: torch.Tensor | None = None,
+        scene_ids: torch.Tensor | Sequence[int] | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> VPDDensePredictionOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): images in [-1, 1], any size.
+            pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*):
+                1 on image pixels, 0 on padding: images of different sizes run at their own padded sizes, padding is
+                left out of every loss, and the mask is returned for post-processing.
+            depth_labels (`torch.FloatTensor` of shape `(B, H, W)`, *optional*): depth in metres, 0 = no depth.
+            segmentation_labels (`torch.LongTensor` of shape `(B, H, W)`, *optional*):
+                class indices, `config.semantic_loss_ignore_index` = ignored.
+            normal_labels (`torch.FloatTensor` of shape `(B, 3, H, W)`, *optional*):
+                unit normals (see `VPDModelForNormalEstimation`), all-zero vectors = no label.
+            scene_ids (`torch.LongTensor` of shape `(B,)`, *optional*):
+                only for models without segmentation (scene-prompt conditioning), as in the depth model.
+
+        Any subset of the labels may be given: a task without labels adds no loss and no gradient. Labels of a task
+        the model has no head for raise a `ValueError`.
+
+        Returns:
+            [`VPDDensePredictionOutput`]: `predicted_depth` `(B, H, W)`, `logits` `(B, num_labels, ceil(H / 8),
+            ceil(W / 8))`, `predicted_normals` `(B, 3, H, W)` for the model's tasks (None for the others), each
+            given task's loss and `loss` = their weighted sum.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        labels = {"depth": depth_labels, "segmentation": segmentation_labels, "normals": normal_labels}
+        for task, task_labels in labels.items():
+            if task_labels is not None and task not in self.tasks:
+                raise ValueError(
+                    f"`{self._label_argument(task)}` given, but this model has no {task} head (its tasks: "
+                    f"{self.tasks})."
+                )
+            self._check_labels(task, task_labels, pixel_values)
+        predictions, backbone = self._dense_pass(pixel_values, pixel_mask, scene_ids, self.tasks)
+        losses = {
+            task: self._task_loss(task, predictions[task], labels[task], pixel_mask)
+            for task in self.tasks
+            if labels[task] is not None
+        }
+        loss = None
+        if losses:
+            loss = sum(self.config.loss_weight(task) * task_loss for task, task_loss in losses.items())
+        output = VPDDensePredictionOutput(
+            loss=loss,
+            depth_loss=losses.get("depth"),
+            segmentation_loss=losses.get("segmentation"),
+            normals_loss=losses.get("normals"),
+            predicted_depth=predictions.get("depth"),
+            logits=predictions.get("segmentation"),
+            predicted_normals=predictions.get("normals"),
+            hidden_states=backbone.feature_maps if output_hidden_states else None,
+            attentions=backbone.attention_maps if output_attentions else None,
+            pixel_mask=pixel_mask,
+        )
+        return output if return_dict else output.to_tuple()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1137,6 +1540,7 @@ class VPDModelForReferringSegmentation(VPDPreTrainedModel):
     """
 
     input_modalities = ("image", "text")
+    _default_tasks = ("referring",)
 
     def __init__(self, config: VPDConfig) -> None:
         super().__init__(config)
@@ -1323,62 +1727,31 @@ class VPDModelForReferringSegmentation(VPDPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    @classmethod
-    def from_stable_diffusion(
-        cls,
-        pretrained_model_name_or_path: str,
-        token_length: int = 40,
-        *,
-        dtype: torch.dtype | None = None,
-        revision: str | None = None,
-        variant: str | None = None,
-        cache_dir: str | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool | None = None,
-        **config_kwargs: Any,
-    ) -> VPDModelForReferringSegmentation:
-        r"""
-        Builds a VPD referring model from a diffusers-layout Stable Diffusion checkpoint: UNet, VAE encoder and the CLIP
-        text encoder (kept, frozen by default) are imported; cross-attention maps at 32x32 and 16x16 (512 scale). The
-        matching processor (with the checkpoint's tokenizer) is `VPDProcessor.from_stable_diffusion(...)`.
-
-        Args:
-            pretrained_model_name_or_path: e.g. `"stable-diffusion-v1-5/stable-diffusion-v1-5"`.
-            token_length: tokens per expression (40 for RefCOCO/RefCOCO+, 77 for RefCOCOg).
-            config_kwargs: any other `VPDConfig` field (e.g. `train_text_encoder=True`).
-        """
-
-        def make_prompts(text: StableDiffusionText) -> dict[str, Any]:
-            return {
-                **text.text_encoder_entries(),
-                "num_prompts": 0,
-                "token_length": token_length,
-                "attention_resolutions": [32, 16],
-            }
-
-        hub_kwargs = _hub_kwargs(revision, variant, cache_dir, token, local_files_only)
-        return cls._build_from_stable_diffusion(
-            pretrained_model_name_or_path, make_prompts, config_kwargs, hub_kwargs, dtype
-        )
-
 
 # The model class of each task name used across vpd_hf (training, conversion, prediction, cards).
 TASK_MODEL_CLASSES: dict[str, type[VPDPreTrainedModel]] = {
     "depth": VPDModelForDepthEstimation,
     "segmentation": VPDModelForSegmentation,
     "referring": VPDModelForReferringSegmentation,
+    "normals": VPDModelForNormalEstimation,
+    "multitask": VPDModelForDensePrediction,
 }
 
 
 __all__ = [
     "TASK_MODEL_CLASSES",
     "VPDBackboneOutput",
+    "VPDDensePredictionOutput",
+    "VPDDenseTaskModel",
     "VPDDepthEstimatorOutput",
     "VPDModel",
+    "VPDModelForDensePrediction",
     "VPDModelForDepthEstimation",
+    "VPDModelForNormalEstimation",
     "VPDModelForReferringSegmentation",
     "VPDModelForSegmentation",
     "VPDModelForSemanticSegmentation",
+    "VPDNormalEstimatorOutput",
     "VPDPreTrainedModel",
     "VPDReferringSegmentationOutput",
     "VPDSemanticSegmenterOutput",

@@ -5,8 +5,13 @@ Per image `NAME` the output folder gets:
 
 * depth: `NAME_depth.png` (colour map), `NAME_depth16.png` (16-bit PNG, millimetres);
 * segmentation: `NAME_labels.png` (label indices, 8- or 16-bit), `NAME_overlay.png` (palette overlay with a legend);
+* normals: `NAME_normals.png` (Marigold's colours), `NAME_normals.npy` (float32 unit normals `(3, H, W)`);
 * referring: per expression `k`, `NAME_ref{k}_mask.png` (0/255) and `NAME_ref{k}_overlay.png`; `k` counts the
   expressions of that image over all runs into the folder, so a rerun with a new expression adds files.
+
+A multi-task model (`VPDModelForDensePrediction`) asked for several tasks (`task="depth,segmentation,normals"` or
+`"all"`: every task it has a head for) writes the files of each of them from one pass per image, with one manifest line
+per image. A multi-task folder asked for one task is loaded as that task's single-task class (that head only).
 
 A JSON-lines manifest (`predictions.jsonl`, or `predictions-{rank}-of-{world}.jsonl` per shard) lists what was written;
 a rerun skips the items already in it (for referring segmentation: the (image, expression) pairs). An image that
@@ -39,13 +44,19 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # The keys of `modeling_vpd.TASK_MODEL_CLASSES` and the architecture names `save_pretrained` records for them (plus the
 # segmentation alias), kept literal so that checking arguments needs no torch; a test keeps them in step.
-TASKS = ("depth", "segmentation", "referring")
+TASKS = ("depth", "segmentation", "referring", "normals", "multitask")
 TASK_ARCHITECTURES = {
     "VPDModelForDepthEstimation": "depth",
     "VPDModelForSegmentation": "segmentation",
     "VPDModelForSemanticSegmentation": "segmentation",
     "VPDModelForReferringSegmentation": "referring",
+    "VPDModelForNormalEstimation": "normals",
+    "VPDModelForDensePrediction": "multitask",
 }
+# The tasks one pass of a multi-task model serves (`configuration_vpd.DENSE_TASKS`), and what `task` may name: one task,
+# a comma-separated list of dense tasks, or "all" (every task of the model).
+DENSE_TASKS = ("depth", "segmentation", "normals")
+ALL_TASKS = "all"
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What reading one image may raise: unidentifiable or truncated files (OSError, incl. PIL.UnidentifiedImageError),
@@ -88,6 +99,25 @@ class ModelSource:
     reference: str
     task: str
     local_files_only: bool
+    tasks: tuple[str, ...] = ()  # the tasks to predict (resolved from `task`; one pass serves them all)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            object.__setattr__(self, "tasks", parse_tasks(self.task) or ())
+
+
+def parse_tasks(task: str | Sequence[str]) -> tuple[str, ...] | None:
+    """The tasks a `task` argument asks for: one task name, a comma-separated list (or a sequence) of dense tasks, or
+    `"all"` (None: every task of the model). Raises a `ValueError` naming `task` otherwise."""
+    names = [t.strip() for t in task.split(",")] if isinstance(task, str) else [str(t).strip() for t in task]
+    if names in ([ALL_TASKS], ["multitask"]):
+        return None
+    allowed = f"one of {[*DENSE_TASKS, 'referring']}, a comma-separated list of {list(DENSE_TASKS)}, or 'all'"
+    if not names or any(name not in (*DENSE_TASKS, "referring") for name in names) or len(set(names)) != len(names):
+        raise ValueError(f"`task` must be {allowed}; got {task!r}.")
+    if "referring" in names and len(names) > 1:
+        raise ValueError(f"`task`: referring segmentation runs alone (its conditioning is the sentence); got {task!r}.")
+    return tuple(name for name in (*DENSE_TASKS, "referring") if name in names)
 
 
 def _looks_local(text: str) -> bool:
@@ -142,8 +172,8 @@ def check_model(model: str | Path | ModelSource, task: str, name: str = "`model`
     """
     if isinstance(model, ModelSource):
         return model
-    if task not in TASKS:
-        raise ValueError(f"`task` must be one of {list(TASKS)}, got {task!r}.")
+    requested = parse_tasks(task)
+    task = ",".join(requested) if requested else ALL_TASKS
     text = str(model)
     path = Path(text).expanduser()
     described = f"{name} {text!r}"
@@ -191,21 +221,43 @@ def check_model(model: str | Path | ModelSource, task: str, name: str = "`model`
                 f"`{_class_hint(task)}.from_pretrained(folder, use_safetensors=False).save_pretrained(new_folder)`."
             )
         raise ValueError(f"{described} has no weights: no {' or '.join(SAFETENSORS_FILES)}.")
-    held = {TASK_ARCHITECTURES[a] for a in architectures if a in TASK_ARCHITECTURES}
-    if architectures and task not in held:
-        if held:
-            other = sorted(held)[0]
+    held = _held_tasks(config, architectures)
+    if not architectures and requested:  # a folder saved without `architectures`: trust the request
+        held = list(requested)
+    if not held:
+        raise ValueError(f"{described} holds no task head{listed}: give a {task} checkpoint.")
+    if requested is None:
+        requested = tuple(held)
+    missing = [t for t in requested if t not in held]
+    if missing:
+        if len(held) == 1 and len(requested) == 1:
+            other = held[0]
             raise ValueError(
                 f"{described} holds a {other} model{listed}, not a {task} model: use `task` {other!r}, or a {task} "
                 "checkpoint."
             )
-        raise ValueError(f"{described} holds no task head{listed}: give a {task} checkpoint.")
-    return ModelSource(reference, task, local)
+        raise ValueError(
+            f"{described} has no {' / '.join(missing)} head: its tasks are {held}{listed}. Ask `task` for some of "
+            f"them ({','.join(held)} or 'all')."
+        )
+    return ModelSource(reference, ",".join(requested), local, tuple(requested))
+
+
+def _held_tasks(config: dict[str, Any], architectures: list[str]) -> list[str]:
+    """The tasks a saved VPD model has heads for: its class's task, or the `tasks` of a multi-task model's config."""
+    for architecture in architectures:
+        task = TASK_ARCHITECTURES.get(architecture)
+        if task == "multitask":
+            return [t for t in DENSE_TASKS if t in (config.get("tasks") or DENSE_TASKS)]
+        if task is not None:
+            return [task]
+    return []
 
 
 def _class_hint(task: str) -> str:
     return {"depth": "VPDModelForDepthEstimation", "segmentation": "VPDModelForSegmentation",
-            "referring": "VPDModelForReferringSegmentation"}.get(task, "VPDModelForDepthEstimation")  # fmt: skip
+            "normals": "VPDModelForNormalEstimation", "referring": "VPDModelForReferringSegmentation"}.get(
+        task, "VPDModelForDensePrediction")  # fmt: skip
 
 
 def resolve_device(device: str | None, name: str = "`device`") -> torch.device:
@@ -267,7 +319,8 @@ def check_dataset(dataset: str | Path, dataset_config: str | None) -> None:
 
 class Predictor:
     """A VPD model + processor that predicts batches of PIL images and writes the results (see the module doc).
-    `model`: a folder, a Hub id or a :class:`ModelSource` from :func:`check_model`."""
+    `model`: a folder, a Hub id or a :class:`ModelSource` from :func:`check_model`. `task`: one task, several dense
+    tasks (`"depth,segmentation,normals"`) or `"all"` (every task of a multi-task model), served by one pass."""
 
     def __init__(self, task: str, model: str | Path | ModelSource, device: str | None = None,
                  dtype: torch.dtype | None = None):  # fmt: skip
@@ -277,15 +330,16 @@ class Predictor:
         from .modeling_vpd import TASK_MODEL_CLASSES
         from .processing_vpd import VPDProcessor
 
-        self.task = task
+        self.tasks = list(source.tasks)
+        self.task = self.tasks[0] if len(self.tasks) == 1 else "multitask"
         # `use_safetensors=True`: never unpickle (check_model has said why for a folder or a Hub model it listed).
         loading = {"local_files_only": source.local_files_only}
-        model_class = TASK_MODEL_CLASSES[task]
+        model_class = TASK_MODEL_CLASSES[self.task]
         self.model = model_class.from_pretrained(source.reference, dtype=dtype, use_safetensors=True, **loading)
         self.model = self.model.to(self.device).eval().use_fast_memory_format()
-        processor_class = VPDProcessor if task == "referring" else VPDImageProcessor
+        processor_class = VPDProcessor if self.task == "referring" else VPDImageProcessor
         self.processor = processor_class.from_pretrained(source.reference, **loading)
-        self.image_processor = self.processor.image_processor if task == "referring" else self.processor
+        self.image_processor = self.processor.image_processor if self.task == "referring" else self.processor
 
     def _inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         import torch
@@ -295,7 +349,8 @@ class Predictor:
                 for k, v in batch.items() if isinstance(v, torch.Tensor)}  # fmt: skip
 
     def predict(self, images: Sequence[Image.Image], texts: Sequence[Sequence[str]] | None = None) -> list[Any]:
-        """Depth maps `(H, W)` / label maps `(H, W)` / per image a list of boolean masks `(H, W)` (one per text)."""
+        """Depth maps `(H, W)` / label maps `(H, W)` / unit normals `(3, H, W)` / per image a list of boolean masks
+        `(H, W)` (one per text); for several tasks, per image a dict task -> its prediction (from one pass)."""
         import torch
 
         with torch.no_grad():
@@ -315,35 +370,58 @@ class Predictor:
                 per_image[index].append(result["mask"].cpu())
             return per_image
         batch = self.image_processor(images=list(images), return_tensors="pt")
-        outputs = self.model(**self._inputs(batch))
-        if self.task == "depth":
-            results = self.image_processor.post_process_depth_estimation(outputs, target_sizes=sizes)
-            return [r["predicted_depth"].float().cpu() for r in results]
-        return [m.cpu() for m in self.image_processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)]
+        outputs = self.model(**self._inputs(batch))  # one pass for every task
+        processor, per_task = self.image_processor, {}
+        if "depth" in self.tasks:
+            results = processor.post_process_depth_estimation(outputs, target_sizes=sizes)
+            per_task["depth"] = [r["predicted_depth"].float().cpu() for r in results]
+        if "segmentation" in self.tasks:
+            per_task["segmentation"] = [
+                m.cpu() for m in processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
+            ]
+        if "normals" in self.tasks:
+            results = processor.post_process_normal_estimation(outputs, target_sizes=sizes)
+            per_task["normals"] = [r["predicted_normals"].cpu() for r in results]
+        if len(self.tasks) == 1:
+            return per_task[self.task]
+        return [{task: per_task[task][index] for task in self.tasks} for index in range(len(images))]
 
     def write(self, image: Image.Image, prediction: Any, output_dir: Path, name: str,
               texts: Sequence[str] | None = None, first_index: int = 0) -> list[str]:  # fmt: skip
         """Writes the files of one prediction and returns their names. Referring: the masks of `texts` are numbered
         from `first_index` (the number of expressions of this image already in the folder)."""
-        from .visualization import colorize_depth, depth_to_uint16_png, overlay_mask, overlay_segmentation
+        from .visualization import (
+            colorize_depth,
+            depth_to_uint16_png,
+            overlay_mask,
+            overlay_segmentation,
+            visualize_normals,
+        )
 
         written: dict[str, Image.Image] = {}
-        if self.task == "depth":
-            written[f"{name}_depth.png"] = colorize_depth(prediction)
-            written[f"{name}_depth16.png"] = depth_to_uint16_png(prediction)
-        elif self.task == "segmentation":
-            labels = prediction.numpy()
+        arrays: dict[str, np.ndarray] = {}
+        predictions = prediction if isinstance(prediction, dict) else {self.task: prediction}
+        if "depth" in predictions:
+            written[f"{name}_depth.png"] = colorize_depth(predictions["depth"])
+            written[f"{name}_depth16.png"] = depth_to_uint16_png(predictions["depth"])
+        if "segmentation" in predictions:
+            labels = predictions["segmentation"].numpy()
             dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
             written[f"{name}_labels.png"] = Image.fromarray(labels.astype(dtype))
             written[f"{name}_overlay.png"] = overlay_segmentation(image, labels, self.model.config.id2label)
-        else:
+        if "normals" in predictions:
+            written[f"{name}_normals.png"] = visualize_normals(predictions["normals"])
+            arrays[f"{name}_normals.npy"] = predictions["normals"].float().numpy()
+        if self.task == "referring":
             for k, (mask, text) in enumerate(zip(prediction, texts or [], strict=True), start=first_index):
                 array = mask.numpy()
                 written[f"{name}_ref{k}_mask.png"] = Image.fromarray((array * 255).astype(np.uint8))
                 written[f"{name}_ref{k}_overlay.png"] = overlay_mask(image, array, caption=text)
         for file, picture in written.items():
             picture.save(output_dir / file)
-        return list(written)
+        for file, array in arrays.items():
+            np.save(output_dir / file, array, allow_pickle=False)
+        return [*written, *arrays]
 
 
 @dataclass
@@ -579,6 +657,7 @@ __all__ = [
     "check_dataset",
     "check_model",
     "collect_images",
+    "parse_tasks",
     "predict_dataset",
     "predict_files",
     "resolve_device",

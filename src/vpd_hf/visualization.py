@@ -106,6 +106,29 @@ def depth_to_uint16_png(depth: torch.Tensor | np.ndarray, scale: float = 1000.0)
     return Image.fromarray(np.clip(np.round(scaled), 0, 65535).astype(np.uint16))
 
 
+def visualize_normals(
+    normals: torch.Tensor | np.ndarray, flip_x: bool = False, flip_y: bool = False, flip_z: bool = False
+) -> Image.Image:
+    r"""
+    RGB picture of a `(3, H, W)` normals map with diffusers' Marigold colours (`MarigoldImageProcessor.
+    visualize_normals`, bit for bit): colour = `(n + 1) / 2` scaled to 255 and truncated to `uint8`, so +x (right)
+    is red, +y (up) green, +z (towards the observer) blue; a wall facing the camera is (127, 127, 255). `flip_*` negate
+    an axis first (for normals in another convention). Pure: the input is not modified (values are clipped to
+    [-1, 1]; an all-zero "no label" vector is mid-grey).
+    """
+    array = (
+        normals.detach().float().cpu()
+        if isinstance(normals, torch.Tensor)
+        else torch.from_numpy(np.asarray(normals, dtype=np.float32))
+    )
+    if array.ndim != 3 or array.shape[0] != 3:
+        raise ValueError(f"`normals` must be a (3, height, width) map, got shape {tuple(array.shape)}.")
+    flip = torch.tensor([(-1.0) ** flip_x, (-1.0) ** flip_y, (-1.0) ** flip_z])[:, None, None]
+    image = (torch.nan_to_num(array).clamp(-1.0, 1.0) * flip).permute(1, 2, 0)
+    image = (image + 1.0) * 0.5  # the same float32 operations as diffusers', so that the truncation agrees
+    return Image.fromarray((image * 255).to(torch.uint8).numpy())
+
+
 def segmentation_palette(num_labels: int) -> np.ndarray:
     """`(num_labels, 3)` uint8 colours, deterministic and well separated: hues step by the golden angle, with three
     alternating saturation/value levels so that neighbouring labels also differ in lightness."""
@@ -279,4 +302,5 @@ __all__ = [
     "overlay_segmentation",
     "plot_curve",
     "segmentation_palette",
+    "visualize_normals",
 ]

@@ -12,6 +12,10 @@ from .augmentation import IGNORE_INDEX
 
 __all__ = ["collate_fn"]
 
+# Tensors padded when their sizes differ: the image and every per-pixel label (single-task `labels`, the multi-task
+# `{task}_labels` of `vpd_hf.data.dense`).
+_PADDED_KEYS = ("pixel_values", "labels", "depth_labels", "segmentation_labels", "normal_labels")
+
 
 def _padded_size(tensors: Sequence[torch.Tensor], multiple: int) -> tuple[int, int]:
     height = max(t.shape[-2] for t in tensors)
@@ -36,7 +40,8 @@ def collate_fn(examples: Sequence[dict[str, Any]], pad_to_multiple_of: int = 64)
       `pixel_mask` int64 `(B, H, W)` is added (1 = image, 0 = padding). `labels` of different sizes are padded the same
       way (to the multiple of `pad_to_multiple_of` above their largest size, so labels of the image's size line up
       with `pixel_values`) with 255 for integer labels (segmentation, referring: ignored) and 0 for float labels
-      (depth: invalid). Other tensors must have equal shapes.
+      (depth, normals: invalid); the multi-task `depth_labels`, `segmentation_labels` and `normal_labels` likewise.
+      Other tensors must have equal shapes.
     * Non-tensor values (e.g. the eval `sentence`) are kept as lists.
 
     Raises:
@@ -59,9 +64,7 @@ def collate_fn(examples: Sequence[dict[str, Any]], pad_to_multiple_of: int = 64)
         if all(v.shape == values[0].shape for v in values):
             batch[key] = torch.stack(values)
             continue
-        if key not in ("pixel_values", "labels") or any(
-            v.dim() < 2 or v.shape[:-2] != values[0].shape[:-2] for v in values
-        ):
+        if key not in _PADDED_KEYS or any(v.dim() < 2 or v.shape[:-2] != values[0].shape[:-2] for v in values):
             raise ValueError(f"Cannot batch {key!r}: shapes {[tuple(v.shape) for v in values]} differ.")
         size = _padded_size(values, pad_to_multiple_of)
         if key == "pixel_values":

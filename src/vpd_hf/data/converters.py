@@ -14,7 +14,8 @@ so that both `datasets.load_dataset(OUTPUT)` and `datasets.load_dataset("parquet
   `testNdxs` of `splits.mat`, exactly as BTS's `extract_official_train_test_set_from_mat.py` built the
   `official_splits/test` folder VPD evaluates on: depth from `rawDepths`, scene from `sceneTypes`, and the picture
   blacked out outside rows 7:474 / columns 7:632 (`black_boundary`). Pictures are stored as PNG (lossless; BTS wrote
-  JPEG).
+  JPEG). With `normals_dir`, the test images' surface normals (the GeoNet NYUv2 normals, one 8-bit PNG per image) are
+  added as `normal_map`.
 * :func:`convert_refcoco`: RefCOCO / RefCOCO+ / RefCOCOg annotations + COCO `train2014` pictures -> one row per
   referent with `image` (the COCO JPEG), `answer` (its expressions, the refer API's `sent`), `segmentation` (the mask
   as uncompressed COCO RLE, `{"size": [H, W], "counts": [...]}`), `bbox` (COCO `[x, y, w, h]`), `image_id`, `ref_id`,
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEPTH_FORMATS",
     "NYU_BLACK_BOUNDARY",
+    "NYU_NORMALS_PATTERN",
     "ade20k_features",
     "convert_ade20k",
     "convert_nyu",
@@ -264,13 +266,58 @@ def convert_ade20k(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def nyu_features() -> datasets.Features:
-    """`image` (RGB), `depth_map` (mode "F" metres, or 16-bit millimetres), `scene` (scene name or folder)."""
+def nyu_features(normals: bool = False) -> datasets.Features:
+    """`image` (RGB), `depth_map` (mode "F" metres, or 16-bit millimetres), `scene` (scene name or folder) and, with
+    `normals`, `normal_map` (8-bit RGB normals in Marigold's camera frame, :mod:`vpd_hf.data.normals`; None for an
+    image without normals)."""
     import datasets
 
-    return datasets.Features(
-        {"image": datasets.Image(), "depth_map": datasets.Image(), "scene": datasets.Value("string")}
-    )
+    columns = {"image": datasets.Image(), "depth_map": datasets.Image(), "scene": datasets.Value("string")}
+    return datasets.Features(columns | ({"normal_map": datasets.Image()} if normals else {}))
+
+
+NYU_NORMALS_PATTERN = "{position:06d}_normal.png"
+
+
+class _NormalFiles:
+    """Normal maps of the test images, one 8-bit RGB PNG per image (see :func:`convert_nyu`)."""
+
+    def __init__(self, folder: Path, pattern: str, convention: str) -> None:
+        from .normals import NORMAL_CONVENTIONS
+
+        if not folder.is_dir():
+            raise ValueError(f"`normals_dir` {folder} is not a folder.")
+        if convention not in NORMAL_CONVENTIONS:
+            raise ValueError(f"`normals_convention` must be one of {tuple(NORMAL_CONVENTIONS)}, got {convention!r}.")
+        try:
+            pattern.format(position=0, index=1)
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"`normals_pattern` {pattern!r} may only use {{position}} and {{index}}: {error}"
+            ) from None
+        self.folder, self.pattern = folder, pattern
+        self.flips = [axis for axis, sign in enumerate(NORMAL_CONVENTIONS[convention]) if sign < 0]
+        self.missing: list[str] = []
+
+    def __call__(self, position: int, index: int, shape: tuple[int, int]) -> dict[str, Any] | None:
+        path = self.folder / self.pattern.format(position=position, index=index)
+        if not path.is_file():
+            self.missing.append(path.name)
+            return None
+        with Image.open(path) as image:
+            if image.mode != "RGB":
+                raise ValueError(f"{path}: a normal map must be an 8-bit RGB image, got mode {image.mode!r}.")
+            encoded = np.asarray(image)
+        if encoded.shape[:2] != shape:
+            raise ValueError(f"{path}: normal map {encoded.shape[:2]} and image {shape} differ in size.")
+        if not self.flips:  # already in Marigold's frame: the file's bytes, unchanged
+            return _image_cell(path.read_bytes(), path.name)
+        # Negating a component is c -> 255 - c exactly in the (n + 1) * 127.5 encoding; (0, 0, 0) stays invalid.
+        converted = encoded.copy()
+        valid = encoded.any(axis=-1)
+        for axis in self.flips:
+            converted[..., axis] = np.where(valid, 255 - encoded[..., axis], 0)
+        return _image_cell(_png_bytes(Image.fromarray(converted)), path.name)
 
 
 def read_nyu_train_list(list_file: str | Path, sync_root: str | Path) -> list[tuple[Path, Path, str]]:
@@ -407,12 +454,15 @@ def convert_nyu(
     depth_format: str = "float32",
     depth_key: str = "auto",
     black_boundary: bool = True,
+    normals_dir: str | Path | None = None,
+    normals_pattern: str = NYU_NORMALS_PATTERN,
+    normals_convention: str = "marigold",
     shard_size: int = 500,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
     """NYUv2 -> parquet: the BTS "sync" training set (24,231 rows with the official list) and/or the 654 official test
-    images of the labeled .mat.
+    images of the labeled .mat, optionally with the commonly used surface-normal ground truth of the test images.
 
     Args:
         output_dir: where to write `data/*.parquet` and `README.md`.
@@ -428,6 +478,16 @@ def convert_nyu(
         depth_key: labeled .mat depth dataset: `"rawDepths"` (what BTS/VPD evaluate on), `"depths"` (in-painted), or
             `"auto"` (`rawDepths` when present).
         black_boundary: black out the test pictures outside rows 7:474 / columns 7:632, as BTS did.
+        normals_dir: a folder with one normal map per test image (the GeoNet NYUv2 normals as distributed with the
+            DSINE / Bae et al. evaluation sets, `{position:06d}_normal.png`): 8-bit RGB PNGs of the image's size
+            (480 x 640), `n = rgb / 127.5 - 1`, `(0, 0, 0)` = no normal. Adds the `normal_map` column (Marigold's
+            frame, :mod:`vpd_hf.data.normals`) to every split; training rows and test images without a file get None
+            (the number is logged). Needs `labeled_mat`.
+        normals_pattern: file name of the test image at 0-based `{position}` of the test list (its 1-based index in
+            the .mat is `{index}`).
+        normals_convention: frame of the files, `"marigold"` (x right, y up, z towards the camera: copied byte for
+            byte) or `"opencv"` (x right, y down, z away from the camera: y and z negated exactly in the 8-bit
+            encoding). Check a file first: a floor should come out with +y (green high in Marigold's frame).
         shard_size: rows per parquet file.
         overwrite: rewrite existing shards (default: keep them).
         progress: show progress bars.
@@ -451,6 +511,9 @@ def convert_nyu(
         raise ValueError("Nothing to convert: give `sync_root` + `train_list` and/or `labeled_mat` + `splits_mat`.")
     if train_split == test_split:
         raise ValueError(f"`train_split` and `test_split` must differ, both are {train_split!r}.")
+    if normals_dir is not None and labeled_mat is None:
+        raise ValueError("`normals_dir` holds normals of the test images: it needs `labeled_mat`.")
+    normals = _NormalFiles(Path(normals_dir), normals_pattern, normals_convention) if normals_dir is not None else None
 
     work: dict[str, list[Any]] = {}
     if sync_root is not None:
@@ -468,12 +531,19 @@ def convert_nyu(
             raise ValueError(f"Test indices must be 1-based in [1, {labeled.count}], got {bad[:5] or indices}.")
         work[test_split] = [int(i) - 1 for i in indices]  # 0-based rows of the .mat
 
+    positions = {row: position for position, row in enumerate(work.get(test_split, []))}
+
     def make_row(item: Any) -> dict[str, Any]:
         # Training items are (rgb, depth, scene) tuples of the list file, test items row numbers of the .mat.
         if isinstance(item, int):
             assert labeled is not None
-            return labeled(item)
-        return _nyu_sync_row(item, depth_format)
+            row = labeled(item)
+            if normals is not None:
+                shape = tuple(labeled.handle["images"].shape[:1:-1])  # (N, 3, W, H) -> (H, W)
+                row["normal_map"] = normals(positions[item], item + 1, shape)
+            return row
+        row = _nyu_sync_row(item, depth_format)
+        return row | ({"normal_map": None} if normals is not None else {})
 
     unit = "metres (mode F)" if depth_format == "float32" else "millimetres (16-bit PNG)"
     try:
@@ -481,18 +551,26 @@ def convert_nyu(
             output_dir,
             work,
             make_row,
-            nyu_features(),
+            nyu_features(normals is not None),
             shard_size=shard_size,
             overwrite=overwrite,
             progress=progress,
             title="NYUv2",
             description=f"NYU Depth v2: `image` (RGB), `depth_map` (depth in {unit}; 0 = no measurement), `scene` "
-            f"(BTS folder name for {train_split}, scene type for {test_split}). Written by "
-            "`vpd_hf.data.converters.convert_nyu`.",
+            f"(BTS folder name for {train_split}, scene type for {test_split})"
+            + (
+                "; `normal_map`: surface normals of the test images (8-bit RGB, n = rgb / 127.5 - 1, x right, y up, "
+                "z towards the camera; (0, 0, 0) = none)"
+                if normals is not None
+                else ""
+            )
+            + ". Written by `vpd_hf.data.converters.convert_nyu`.",
         )
     finally:
         if labeled is not None:
             labeled.close()
+        if normals is not None and normals.missing:
+            logger.warning("%d test images have no normal map file (e.g. %s)", len(normals.missing), normals.missing[0])
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -77,6 +77,21 @@ def _label_array(image: Image.Image, column: str, row: int) -> np.ndarray:
     return values
 
 
+def checked_labels(label: np.ndarray, num_labels: int, reduce: bool, column: str, row: int) -> np.ndarray:
+    """A stored label map checked against the class range (raises :class:`InvalidRowError` naming `column` and `row`)
+    and, with `reduce`, reduced by :func:`reduce_labels`."""
+    # Largest valid stored value: num_labels with reduction (1..num_labels are classes), num_labels - 1 without.
+    top = num_labels if reduce else num_labels - 1
+    values = np.unique(label)
+    bad = values[((values < 0) | (values > top)) & (values != IGNORE_INDEX)]
+    if bad.size:
+        raise InvalidRowError(
+            f"row {row}: column {column!r} holds labels {bad[:10].tolist()} outside [0, {top}] "
+            f"(num_labels={num_labels}, reduce_labels={reduce}; 255 = ignore)."
+        )
+    return reduce_labels(label) if reduce else label
+
+
 class SegmentationTransform(AdapterTransform):
     """The transform of :func:`segmentation_dataset` (see the module docstring for the item format)."""
 
@@ -111,16 +126,7 @@ class SegmentationTransform(AdapterTransform):
             raise InvalidRowError(
                 f"row {row}: image {image.shape[:2]} and label map {label.shape} have different sizes (H, W)."
             )
-        # Largest valid stored value: num_labels with reduction (1..num_labels are classes), num_labels - 1 without.
-        top = self.num_labels if self.reduce_labels else self.num_labels - 1
-        values = np.unique(label)
-        bad = values[((values < 0) | (values > top)) & (values != IGNORE_INDEX)]
-        if bad.size:
-            raise InvalidRowError(
-                f"row {row}: column {self.label_column!r} holds labels {bad[:10].tolist()} outside [0, {top}] "
-                f"(num_labels={self.num_labels}, reduce_labels={self.reduce_labels}; 255 = ignore)."
-            )
-        return image, reduce_labels(label) if self.reduce_labels else label
+        return image, checked_labels(label, self.num_labels, self.reduce_labels, self.label_column, row)
 
     def make_item(self, sample: tuple[np.ndarray, np.ndarray], row: int, extra: dict[str, Any]) -> dict[str, Any]:
         image, label = sample

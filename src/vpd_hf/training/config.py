@@ -15,13 +15,29 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-RECIPES = ("ade20k_segmentation", "nyu_depth", "refcoco_referring")
+RECIPES = ("ade20k_segmentation", "nyu_depth", "nyu_normals", "refcoco_referring", "synthetic_multitask")
+DENSE_TASKS = ("depth", "segmentation", "normals")
 
 
 @dataclass
 class TrainConfig:
     # -- what ---------------------------------------------------------------------------------------------------------
-    task: str = field(default="depth", metadata={"help": "depth | segmentation | referring"})
+    task: str = field(
+        default="depth",
+        metadata={"help": "depth | segmentation | referring | normals | multitask (set by `--tasks` with 2+ tasks)"},
+    )
+    tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Multi-task training: the heads of one VPDModelForDensePrediction (a subset of depth, "
+            "segmentation, normals), e.g. `--tasks depth segmentation normals`. One task is the same as `--task` "
+            "(with `--task multitask`: a multi-task model with that one head)."
+        },
+    )
+    loss_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "Multi-task: the weight of each task's loss, in the order of `--tasks` (default: all 1)."},
+    )
     model: str = field(
         default="tiny-random",
         metadata={
@@ -48,7 +64,11 @@ class TrainConfig:
     # -- data ---------------------------------------------------------------------------------------------------------
     image_column: str = field(default="image", metadata={"help": "Image column."})
     label_column: str | None = field(
-        default=None, metadata={"help": "Label column (default: `depth_map` / `annotation` / the layout's mask)."}
+        default=None,
+        metadata={
+            "help": "Label column (default: `depth_map` / `annotation` / `normal_map` / the layout's mask); "
+            "multi-task: the segmentation column (depth and normals are read from `depth_map` and `normal_map`)."
+        },
     )
     scene_column: str | None = field(default=None, metadata={"help": "Depth: scene-name column for scene prompts."})
     crop_size: int | None = field(
@@ -154,6 +174,42 @@ class TrainConfig:
         if self.eval_segmentation_mode not in ("slide", "whole"):
             raise ValueError(f"`eval_segmentation_mode` must be slide or whole, got {self.eval_segmentation_mode!r}.")
         self.adam_betas = tuple(self.adam_betas)
+        self._resolve_tasks()
+
+    def _resolve_tasks(self) -> None:
+        """`tasks` and `task` agree: two or more dense tasks make a multi-task run, one is that task's run."""
+        if self.tasks is not None:
+            tasks = list(self.tasks)
+            if not tasks or len(set(tasks)) != len(tasks) or not set(tasks) <= set(DENSE_TASKS):
+                raise ValueError(
+                    f"`tasks` must be a non-empty subset of {list(DENSE_TASKS)} without repeats, got {tasks}."
+                )
+            if self.task not in ("depth", "multitask") and self.task not in tasks:
+                raise ValueError(
+                    f"`task` {self.task!r} is not among `tasks` {tasks}; give one of them or leave it out."
+                )
+            self.tasks = [t for t in DENSE_TASKS if t in tasks]  # the model's order
+            order = [tasks.index(t) for t in self.tasks]
+            if self.loss_weights is not None:
+                if len(self.loss_weights) != len(tasks) or any(not w >= 0 for w in self.loss_weights):
+                    raise ValueError(
+                        f"`loss_weights` must give one non-negative weight per task of `tasks` {tasks}, got "
+                        f"{self.loss_weights}."
+                    )
+                self.loss_weights = [float(self.loss_weights[i]) for i in order]
+            # `--task multitask --tasks depth` keeps the multi-task model with one head (e.g. a controlled comparison).
+            self.task = "multitask" if len(tasks) > 1 or self.task == "multitask" else tasks[0]
+        elif self.task == "multitask":
+            self.tasks = list(DENSE_TASKS)
+        if self.loss_weights is not None and self.task != "multitask":
+            raise ValueError("`loss_weights` weigh the tasks of a multi-task run: give them with `--tasks`.")
+
+    @property
+    def task_loss_weights(self) -> dict[str, float] | None:
+        """`{task: weight}` of a multi-task run (None: every weight 1)."""
+        if self.task != "multitask" or self.loss_weights is None:
+            return None
+        return dict(zip(self.tasks, self.loss_weights, strict=True))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -190,13 +246,16 @@ def _parse_bool(text: str) -> bool:
 
 # The options that matter for `scripts/evaluate.py` (the rest only concern training).
 EVALUATION_OPTIONS = (
-    "task", "model", "dataset", "dataset_config", "eval_split", "image_column", "label_column", "scene_column",
+    "task", "tasks", "model", "dataset", "dataset_config", "eval_split", "image_column", "label_column", "scene_column",
     "token_length", "image_root", "synthetic_num_train", "synthetic_num_eval", "synthetic_size", "max_eval_samples",
     "num_workers", "per_device_eval_batch_size", "mixed_precision", "seed", "eval_depth_windows", "eval_flip",
     "eval_scales", "eval_segmentation_mode", "output_dir",
 )  # fmt: skip
 
-TRAIN_DESCRIPTION = "Fine-tune VPD with accelerate (depth, semantic segmentation or referring segmentation)."
+TRAIN_DESCRIPTION = (
+    "Fine-tune VPD with accelerate (depth, semantic segmentation, referring segmentation, surface normals, or several "
+    "dense tasks from one backbone pass with --tasks)."
+)
 TRAIN_EXAMPLE = (
     "Example: accelerate launch scripts/train.py --recipe nyu_depth --model stable-diffusion-v1-5/stable-diffusion-v1-5 "
     "--dataset sayakpaul/nyu_depth_v2 --output_dir vpd-depth"

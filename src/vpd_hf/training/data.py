@@ -46,6 +46,17 @@ def class_names(id2label: dict[int, str] | None) -> list[str] | None:
     return [id2label[k] for k in sorted(id2label) if k != 0]
 
 
+def processor_preset(config: TrainConfig) -> str:
+    """The image processor's preset (`VPDImageProcessor.TASK_PRESETS`) for `config.task`: normals are framed as the
+    NYUv2 depth frames; a multi-task model with segmentation takes the segmentation preset (ADE-style annotations are
+    reduced, 512 short side), otherwise the depth one."""
+    if config.task == "normals":
+        return "depth"
+    if config.task == "multitask":
+        return "segmentation" if "segmentation" in config.tasks else "depth"
+    return config.task
+
+
 def _is_vpd_checkpoint(source: str) -> bool:
     path = Path(source)
     if path.is_dir():
@@ -62,9 +73,10 @@ def _is_vpd_checkpoint(source: str) -> bool:
 def tiny_model_overrides(task: str) -> dict[str, Any]:
     from ..testing_utils import TINY_DEPTH_HEAD, TINY_SEGMENTATION_HEAD
 
-    return {"depth": TINY_DEPTH_HEAD, "segmentation": TINY_SEGMENTATION_HEAD, "referring": {}}[task] | (
-        {"referring_decoder_channels": 32} if task == "referring" else {}
-    )
+    # The normals head has the depth head's architecture; a multi-task model has both kinds of heads.
+    heads = {"depth": TINY_DEPTH_HEAD, "normals": TINY_DEPTH_HEAD, "segmentation": TINY_SEGMENTATION_HEAD,
+             "multitask": TINY_DEPTH_HEAD | TINY_SEGMENTATION_HEAD, "referring": {}}  # fmt: skip
+    return heads[task] | ({"referring_decoder_channels": 32} if task == "referring" else {})
 
 
 def build_model_and_processor(config: TrainConfig, id2label: dict[int, str] | None, accelerator: Any = None):
@@ -93,21 +105,27 @@ def build_model_and_processor(config: TrainConfig, id2label: dict[int, str] | No
             try:
                 processor = VPDImageProcessor.from_pretrained(source)
             except OSError:
-                processor = VPDImageProcessor.for_task(config.task)
+                processor = VPDImageProcessor.for_task(processor_preset(config))
         return model, processor
 
     show_progress = accelerator is None or accelerator.is_local_main_process
-    if config.task == "depth":
+    if config.task in ("depth", "normals"):
         kwargs: dict[str, Any] = {"show_progress": show_progress}
     elif config.task == "segmentation":
         kwargs = {"show_progress": show_progress, "class_names": class_names(id2label)}
+    elif config.task == "multitask":
+        kwargs = {"show_progress": show_progress, "tasks": tuple(config.tasks)}
+        if "segmentation" in config.tasks:
+            kwargs["class_names"] = class_names(id2label)
+        if config.task_loss_weights is not None:
+            kwargs["task_loss_weights"] = config.task_loss_weights
     else:
         kwargs = {"token_length": config.token_length}
     model = model_class.from_stable_diffusion(source, **kwargs, **overrides)
     if config.task == "referring":
         processor = VPDProcessor.from_stable_diffusion(source, token_length=config.token_length)
     else:
-        processor = VPDImageProcessor.for_task(config.task)
+        processor = VPDImageProcessor.for_task(processor_preset(config))
     return model, processor
 
 
@@ -147,6 +165,24 @@ def build_datasets(config: TrainConfig, train_raw: Any, eval_raw: Any, model: An
             else None
         )
         evaluation = data.segmentation_dataset(eval_raw, "eval", img_scale=(4 * crop, crop), **options)
+    elif config.task in ("normals", "multitask"):
+        crop = config.crop_size or 480
+        options = {
+            **common,
+            "normal_column": "normal_map" if config.task == "multitask" else config.label_column or "normal_map",
+        }
+        if config.task == "multitask":
+            # The model's own heads: a checkpoint evaluated with the default `--task multitask` may have fewer.
+            tasks = list(getattr(model, "tasks", config.tasks))
+            options |= {"tasks": tasks, "label_column": config.label_column or "annotation",
+                        "max_depth": float(model.config.max_depth)}  # fmt: skip
+            if "segmentation" in tasks:
+                options["num_labels"] = model.config.num_labels
+            build = data.dense_dataset
+        else:
+            build = data.normals_dataset
+        train = build(train_raw, "train", crop_size=(crop, crop), **options) if build_train else None
+        evaluation = build(eval_raw, "eval", **options)
     else:
         tokenizer = processor.tokenizer
         options = {
@@ -160,4 +196,11 @@ def build_datasets(config: TrainConfig, train_raw: Any, eval_raw: Any, model: An
     return train, evaluation
 
 
-__all__ = ["TINY_SOURCE", "build_datasets", "build_model_and_processor", "class_names", "load_raw_splits"]
+__all__ = [
+    "TINY_SOURCE",
+    "build_datasets",
+    "build_model_and_processor",
+    "class_names",
+    "load_raw_splits",
+    "processor_preset",
+]

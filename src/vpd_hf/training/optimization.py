@@ -9,6 +9,8 @@ rules are reproduced on diffusers names by what the parameters *are*:
   weight decay; the ResNet GroupNorms (ldm `in_layers.0` / `out_layers.0`, diffusers `norm1` / `norm2`) do not match
   and train at lr x0.1 with decay, like the rest of the UNet; everything else (heads, adapter) at lr x1 with decay;
 * depth (`LDMOptimizerConstructor`): UNet x0.01, rest x1; no weight decay on 1-D parameters and biases;
+* normals and multi-task (no official recipe): the depth rules (UNet x0.01, no decay on 1-D parameters and biases),
+  as two of the three dense tasks are geometry and the multi-task UNet serves all heads;
 * referring (LAVT-style groups): no decay on (ldm) "norm" parameters, decay elsewhere; the groups carry an
   `lr_scale` of 0.01 for the UNet that the released code never applies, so the UNet trains at the full rate
   (`unet_lr_mult=1.0` by default; pass 0.01 for the documented intent).
@@ -27,11 +29,11 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-TASKS = ("depth", "segmentation", "referring")
+TASKS = ("depth", "segmentation", "referring", "normals", "multitask")
 SCHEDULES = ("poly_warmup", "poly", "rise_fall", "constant")
 
 # The default UNet learning-rate multiplier of each recipe.
-UNET_LR_MULT = {"segmentation": 0.1, "depth": 0.01, "referring": 1.0}
+UNET_LR_MULT = {"segmentation": 0.1, "depth": 0.01, "referring": 1.0, "normals": 0.01, "multitask": 0.01}
 
 # ldm names "norm" only inside its SpatialTransformer (the GroupNorm `norm` and the blocks' `norm1/2/3`); in diffusers
 # these live under `attentions.<i>.` as `norm` and `transformer_blocks.<j>.norm<k>`.
@@ -67,7 +69,7 @@ def _rule(task: str, name: str, param: nn.Parameter, weight_decay: float, unet_l
         if has_ldm_norm_name(name):
             return GroupRule("norm", 1.0, 0.0)
         return GroupRule("other", 1.0, weight_decay)
-    if task == "depth":
+    if task in ("depth", "normals", "multitask"):
         decay = 0.0 if param.ndim == 1 or name.endswith(".bias") else weight_decay
         prefix = "unet" if unet else "other"
         return GroupRule(f"{prefix}_{'decay' if decay else 'no_decay'}", unet_lr_mult if unet else 1.0, decay)
