@@ -348,14 +348,14 @@ class VPDPreTrainedModel(PreTrainedModel):
         # A single-task class reads its head from a folder saved by `VPDModelForDensePrediction` (where the head is
         # named after its task) and skips the other heads; `_keys_to_ignore_on_load_unexpected` keeps that silent.
         renamed = bool(cls._multitask_key_mapping) and "key_mapping" not in kwargs
-        if renamed:
-            kwargs["key_mapping"] = dict(cls._multitask_key_mapping)
         files = None
         if casts_on_load(pretrained_model_name_or_path, model_args, kwargs):
             hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
             files = safetensors_files(pretrained_model_name_or_path, hub_kwargs)
             if files is None:
                 kwargs.update(hub_kwargs)
+        if renamed:  # after the check above, which only takes plain loads (this renaming is ours, not the caller's)
+            kwargs["key_mapping"] = dict(cls._multitask_key_mapping)
         if files is None:
             result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         else:
