@@ -1432,8 +1432,9 @@ class VPDModelForDensePrediction(VPDDenseTaskModel):
     r"""
     Several dense tasks from ONE VAE + UNet pass: a head per task of `config.tasks` (any non-empty subset of depth,
     semantic segmentation and surface normals) on the same feature maps, each task's loss, and their weighted sum
-    (`config.task_loss_weights`). The backbone (about 1.9 TFLOPs per 512x512 crop for SD 1.5) dominates the cost, so
-    two or three tasks cost little more than one.
+    (`config.task_loss_weights`). The backbone (about 1.9 TFLOPs per 512x512 crop for SD 1.5) dominates the cost (a
+    depth or normals head is about 0.17 TFLOPs, mostly its last full-resolution 3x3 convolution; the segmentation head
+    a few GFLOPs), so a second or third task costs a fraction of a second model.
 
     Conditioning shared by all heads (`config.conditioning`): with segmentation among the tasks, the whole class-prompt
     table (one token per class, as the segmentation recipe), whose 32x32 and 16x16 cross-attention maps join the
