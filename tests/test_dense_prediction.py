@@ -206,6 +206,9 @@ def test_single_task_classes_load_the_multitask_folder(
     assert got.shape == want.shape
     assert float((got - want).abs().max()) <= 1e-5 * float(want.max() - want.min())
     torch.testing.assert_close(out.loss, getattr(multitask_output, f"{task}_loss"))
+    if task == "normals":  # the tensor-by-tensor path of a cast load (`vpd_hf.weights_loading`) renames as well
+        cast = cls.from_pretrained(multitask_folder, dtype=torch.bfloat16).state_dict()
+        assert all(torch.equal(value.to(cast[key].dtype), cast[key]) for key, value in model.state_dict().items())
     if task == "depth":  # saved again, it is a plain single-task checkpoint under its own names
         model.save_pretrained(tmp_path)
         again = cls.from_pretrained(tmp_path)

@@ -348,14 +348,14 @@ class VPDPreTrainedModel(PreTrainedModel):
         # A single-task class reads its head from a folder saved by `VPDModelForDensePrediction` (where the head is
         # named after its task) and skips the other heads; `_keys_to_ignore_on_load_unexpected` keeps that silent.
         renamed = bool(cls._multitask_key_mapping) and "key_mapping" not in kwargs
-        if renamed:
-            kwargs["key_mapping"] = dict(cls._multitask_key_mapping)
         files = None
         if casts_on_load(pretrained_model_name_or_path, model_args, kwargs):
             hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
             files = safetensors_files(pretrained_model_name_or_path, hub_kwargs)
             if files is None:
                 kwargs.update(hub_kwargs)
+        if renamed:  # after the check above, which only takes plain loads (this renaming is ours, not the caller's)
+            kwargs["key_mapping"] = dict(cls._multitask_key_mapping)
         if files is None:
             result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         else:
@@ -1432,8 +1432,9 @@ class VPDModelForDensePrediction(VPDDenseTaskModel):
     r"""
     Several dense tasks from ONE VAE + UNet pass: a head per task of `config.tasks` (any non-empty subset of depth,
     semantic segmentation and surface normals) on the same feature maps, each task's loss, and their weighted sum
-    (`config.task_loss_weights`). The backbone (about 1.9 TFLOPs per 512x512 crop for SD 1.5) dominates the cost, so
-    two or three tasks cost little more than one.
+    (`config.task_loss_weights`). The backbone (about 1.9 TFLOPs per 512x512 crop for SD 1.5) dominates the cost (a
+    depth or normals head is about 0.17 TFLOPs, mostly its last full-resolution 3x3 convolution; the segmentation head
+    a few GFLOPs), so a second or third task costs a fraction of a second model.
 
     Conditioning shared by all heads (`config.conditioning`): with segmentation among the tasks, the whole class-prompt
     table (one token per class, as the segmentation recipe), whose 32x32 and 16x16 cross-attention maps join the
