@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     export.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="exported weights (default: fp32)")
     export.add_argument("--openvino-ir", action="store_true", help="also save OpenVINO's IR (openvino_model.xml)")
-    export.add_argument("--no-optimize", action="store_true", help="skip onnxscript's graph optimiser")
+    export.add_argument("--optimize", action="store_true", help="run onnxscript's graph optimiser on the export")
 
     card = commands.add_parser(
         "card",
@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .export import export_model
 
             info = export_model(args.model, args.output, task=args.task, opset=args.opset, dtype=args.dtype,
-                                optimize=not args.no_optimize, openvino_ir=args.openvino_ir)  # fmt: skip
+                                optimize=args.optimize, openvino_ir=args.openvino_ir)  # fmt: skip
             print(json.dumps(info))
         elif args.command == "card":
             print(run_card(args))

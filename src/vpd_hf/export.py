@@ -295,7 +295,7 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     dtype: str = "fp32",
     processor: Any = None,
-    optimize: bool = True,
+    optimize: bool = False,
     openvino_ir: bool = False,
 ) -> dict[str, Any]:
     r"""
@@ -309,7 +309,9 @@ def export_model(
             the VAE stays in float32 for fp16). Inputs and outputs stay float32. ONNX Runtime's CPU provider lacks
             many fp16/bf16 kernels: for bf16 on the CPU prefer the fp32 export run by OpenVINO at bf16 precision.
         processor: the processor to save with a loaded `model` (with a folder: its own).
-        optimize: run onnxscript's graph optimiser (constant folding, redundant-op removal) on the export.
+        optimize: run onnxscript's graph optimiser (constant folding, redundant-op removal) on the export. Off by
+            default: it adds minutes and gigabytes on an SD-size graph, and both runtimes optimise the graph when
+            they load it.
         openvino_ir: also save OpenVINO's IR (`openvino_model.xml/.bin`, from `openvino.convert_model`), which
             `ExportedVPDModel(runtime="openvino")` then reads instead of the ONNX file.
     """
