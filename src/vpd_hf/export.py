@@ -306,8 +306,9 @@ def export_model(
         task: `depth`, `segmentation` or `referring` (default: the checkpoint's / model's own).
         opset: the ONNX opset (18 or newer: the dynamo exporter's range).
         dtype: `fp32`, `fp16` or `bf16`: the dtype of the exported weights and compute (as `from_pretrained(dtype=)`:
-            the VAE stays in float32 for fp16). Inputs and outputs stay float32. ONNX Runtime's CPU provider lacks
-            many fp16/bf16 kernels: for bf16 on the CPU prefer the fp32 export run by OpenVINO at bf16 precision.
+            the VAE stays in float32 for fp16). Inputs and outputs stay float32. ONNX Runtime's CPU provider has no
+            bf16 `Conv` (a bf16 export loads on OpenVINO only): for bf16 on the CPU, run the fp32 export on OpenVINO
+            at bf16 precision.
         processor: the processor to save with a loaded `model` (with a folder: its own).
         optimize: run onnxscript's graph optimiser (constant folding, redundant-op removal) on the export. Off by
             default: it adds minutes and gigabytes on an SD-size graph, and both runtimes optimise the graph when
