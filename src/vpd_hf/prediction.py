@@ -269,7 +269,8 @@ def check_dataset(dataset: str | Path, dataset_config: str | None) -> None:
 
 class Predictor:
     """A VPD model + processor that predicts batches of PIL images and writes the results (see the module doc).
-    `model`: a folder, a Hub id or a :class:`ModelSource` from :func:`check_model`."""
+    `model`: a folder, a Hub id or a :class:`ModelSource` from :func:`check_model`; with `runtime` `onnxruntime` or
+    `openvino`, a folder written by `vpd-hf export` (`vpd_hf.export.ExportedVPDModel`, called like the model)."""
 
     def __init__(self, task: str, model: str | Path | ModelSource, device: str | None = None,
                  dtype: torch.dtype | None = None, runtime: str = "torch"):  # fmt: skip
