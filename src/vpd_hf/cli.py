@@ -1,4 +1,4 @@
-"""The `vpd-hf` command line: predict, train, evaluate, synth, card, demo (`vpd-hf COMMAND --help`)."""
+"""The `vpd-hf` command line: predict, export, train, evaluate, synth, card, demo (`vpd-hf COMMAND --help`)."""
 
 from __future__ import annotations
 
@@ -78,9 +78,44 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", required=True, type=Path, help="output folder")
     predict.add_argument("--batch-size", type=int, default=1, help="images per forward (default: 1)")
     predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if available)")
-    predict.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default: as saved)")
+    predict.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="model dtype (default: as saved); with --runtime openvino, bf16 = bf16 inference precision",
+    )
+    predict.add_argument(
+        "--runtime",
+        choices=["torch", "onnxruntime", "openvino"],
+        default="torch",
+        help="torch (a checkpoint, default) or a CPU runtime running a `vpd-hf export` folder",
+    )
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
     predict.add_argument("--strict", action="store_true", help="exit with status 1 if any image was skipped")
+
+    export = commands.add_parser(
+        "export",
+        help="export a VPD checkpoint to ONNX (extra `deploy`)",
+        description="Export a VPD checkpoint to ONNX (torch's dynamo exporter) with a dynamic batch, height and width "
+        "(multiples of 64; the processor pads), plus its config, processor and export_info.json, for `vpd-hf predict "
+        "--runtime onnxruntime|openvino --model DIR`. Segmentation exports the whole-image pass; the sliding-window "
+        "test procedure runs around it.",
+        epilog="example:\n  vpd-hf export --model org/vpd-depth-nyu --output vpd-depth-onnx\n"
+        "  vpd-hf predict --task depth --model vpd-depth-onnx --runtime openvino photos/ --output depth_out",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("--model", required=True, help="VPD checkpoint: Hub id or folder")
+    export.add_argument("--output", required=True, type=Path, help="output folder")
+    export.add_argument(
+        "--task",
+        choices=["depth", "segmentation", "normals", "referring"],
+        default=None,
+        help="default: the checkpoint's task",
+    )
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    export.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="exported weights (default: fp32)")
+    export.add_argument("--openvino-ir", action="store_true", help="also save OpenVINO's IR (openvino_model.xml)")
+    export.add_argument("--optimize", action="store_true", help="run onnxscript's graph optimiser on the export")
 
     card = commands.add_parser(
         "card",
@@ -139,6 +174,8 @@ PREDICT_FLAGS = {
     "`text_column`": "`--text-column`",
     "`batch_size`": "`--batch-size`",
     "`texts`": "`--text`",
+    "`runtime`": "`--runtime`",
+    "`dtype`": "`--dtype`",
 }
 
 
@@ -154,12 +191,13 @@ def run_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> di
             args.task, args.model, args.dataset, args.output, split=args.split, dataset_config=args.dataset_config,
             image_column=args.image_column, text_column=args.text_column, batch_size=args.batch_size,
             max_samples=args.max_samples, dtype=_dtype(args.dtype), progress=not args.no_progress, device=args.device,
+            runtime=args.runtime,
         )  # fmt: skip
     if args.task == "referring" and not args.text:
         parser.error("predict: --task referring needs at least one --text")
     return predict_files(
         args.task, args.model, args.inputs, args.output, texts=args.text, batch_size=args.batch_size,
-        device=args.device, dtype=_dtype(args.dtype), progress=not args.no_progress,
+        device=args.device, dtype=_dtype(args.dtype), progress=not args.no_progress, runtime=args.runtime,
     )  # fmt: skip
 
 
@@ -246,7 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return report_predictions(run_predict(args, parser), args.output, args.strict)
-        if args.command == "card":
+        if args.command == "export":
+            from .export import export_model
+
+            info = export_model(args.model, args.output, task=args.task, opset=args.opset, dtype=args.dtype,
+                                optimize=args.optimize, openvino_ir=args.openvino_ir)  # fmt: skip
+            print(json.dumps(info))
+        elif args.command == "card":
             print(run_card(args))
         else:
             from .demo import launch
@@ -256,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TypeError, ValueError, OSError) as error:
         # Wrong arguments and unusable files are the user's to fix: a message naming them, not a traceback.
         message = str(error)
-        if args.command == "predict":
+        if args.command in ("predict", "export"):
             for name, flag in PREDICT_FLAGS.items():
                 message = message.replace(name, flag)
         parser.exit(2, f"vpd-hf {args.command}: error: {message}\n")

@@ -19,7 +19,11 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .batching import valid_extent
+
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+# The `test_time_logits` options a segmentation config sets (`semantic_inference_{name}`).
+TEST_PROCEDURE_OPTIONS = ("mode", "scales", "flip", "crop_size", "stride")
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -122,6 +126,44 @@ def test_time_logits(
     return torch.log((probabilities / len(views)).clamp_min(torch.finfo(torch.float32).tiny))
 
 
+def semantic_inference_options(config, **overrides) -> dict:
+    """The test procedure of a segmentation `config` (`semantic_inference_{mode, scales, flip, crop_size, stride}`) as
+    :func:`test_time_logits` keyword arguments; `overrides` that are not None replace the configured values."""
+    options = {name: getattr(config, f"semantic_inference_{name}") for name in TEST_PROCEDURE_OPTIONS}
+    unknown = set(overrides) - set(TEST_PROCEDURE_OPTIONS)
+    if unknown:
+        raise TypeError(f"Unknown test procedure option(s) {sorted(unknown)}: use {list(TEST_PROCEDURE_OPTIONS)}.")
+    options.update({name: value for name, value in overrides.items() if value is not None})
+    return options
+
+
+def is_single_pass(options: dict) -> bool:
+    """Whether test procedure `options` (see :func:`semantic_inference_options`) are one whole-image pass."""
+    return options["mode"] == "whole" and list(options["scales"]) == [1.0] and not options["flip"]
+
+
+def masked_test_time_logits(
+    logits_fn: LogitsFn, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None, **options
+) -> torch.Tensor:
+    r"""
+    :func:`test_time_logits` `(B, C, H, W)` of `pixel_values` `(B, 3, H, W)` over each image's un-padded region (from
+    `pixel_mask` `(B, H, W)`, 1 = image; images padded at the bottom/right); padding gets 0. Images sharing a region
+    size run together.
+    """
+    if pixel_mask is None:
+        return test_time_logits(logits_fn, pixel_values, **options)
+    output = None
+    sizes = [tuple(extent) for extent in valid_extent(pixel_mask).tolist()]
+    for size in dict.fromkeys(sizes):
+        index = [i for i, s in enumerate(sizes) if s == size]
+        region = pixel_values[index][..., : size[0], : size[1]]
+        logits = test_time_logits(logits_fn, region, **options)
+        if output is None:
+            output = logits.new_zeros((pixel_values.shape[0], logits.shape[1], *pixel_values.shape[-2:]))
+        output[index, :, : size[0], : size[1]] = logits
+    return output
+
+
 def shifted_window_depth(
     depth_fn: Callable[[torch.Tensor], torch.Tensor],
     pixel_values: torch.Tensor,
@@ -162,4 +204,11 @@ def shifted_window_depth(
     return total / count
 
 
-__all__ = ["shifted_window_depth", "sliding_window_logits", "test_time_logits"]
+__all__ = [
+    "is_single_pass",
+    "masked_test_time_logits",
+    "semantic_inference_options",
+    "shifted_window_depth",
+    "sliding_window_logits",
+    "test_time_logits",
+]

@@ -25,7 +25,7 @@ from .backbones import UNET_OUTPUT, backbone_layout, sdxl_time_ids
 from .batching import crop, merge, merge_tuples, size_groups
 from .configuration_vpd import ATTENTION_RESOLUTIONS, DENSE_TASKS, VPDConfig
 from .heads import VPDDepthHead, VPDFPNNeck, VPDNormalsHead, VPDReferringDecoder, VPDSemanticFPNHead, tag_init
-from .inference import test_time_logits
+from .inference import is_single_pass, masked_test_time_logits, semantic_inference_options
 from .losses import normals_cosine_loss, semantic_cross_entropy, silog_loss
 from .prompts import (
     ADE20K_CLASS_NAMES,
@@ -63,11 +63,6 @@ def _check_pixel_mask(pixel_mask: torch.Tensor | None, pixel_values: torch.Tenso
     expected = (pixel_values.shape[0], *pixel_values.shape[-2:])
     if pixel_mask is not None and tuple(pixel_mask.shape) != expected:
         raise ValueError(f"`pixel_mask` must have shape {expected}, got {tuple(pixel_mask.shape)}.")
-
-
-def _valid_size(pixel_mask: torch.Tensor) -> tuple[int, int]:
-    """Height and width of the image region of one `(H, W)` pixel mask (images are padded at the bottom/right)."""
-    return int(pixel_mask.any(dim=1).sum()), int(pixel_mask.any(dim=0).sum())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1285,34 +1280,13 @@ class VPDModelForSegmentation(VPDDenseTaskModel):
         """
         self.vpd._check_pixel_values(pixel_values)
         _check_pixel_mask(pixel_mask, pixel_values)
-        config = self.config
-        options = {
-            "mode": config.semantic_inference_mode if mode is None else mode,
-            "scales": config.semantic_inference_scales if scales is None else scales,
-            "flip": config.semantic_inference_flip if flip is None else flip,
-            "crop_size": config.semantic_inference_crop_size if crop_size is None else crop_size,
-            "stride": config.semantic_inference_stride if stride is None else stride,
-        }
-        if pixel_mask is None:
-            return test_time_logits(self.dense_logits, pixel_values, **options)
-        output = None
-        sizes = [_valid_size(mask) for mask in pixel_mask]
-        for size in dict.fromkeys(sizes):  # images sharing a valid size are run together
-            index = [i for i, s in enumerate(sizes) if s == size]
-            region = pixel_values[index][..., : size[0], : size[1]]
-            logits = test_time_logits(self.dense_logits, region, **options)
-            if output is None:
-                output = logits.new_zeros((pixel_values.shape[0], logits.shape[1], *pixel_values.shape[-2:]))
-            output[index, :, : size[0], : size[1]] = logits
-        return output
+        options = semantic_inference_options(
+            self.config, mode=mode, scales=scales, flip=flip, crop_size=crop_size, stride=stride
+        )
+        return masked_test_time_logits(self.dense_logits, pixel_values, pixel_mask, **options)
 
     def _uses_test_time_procedure(self) -> bool:
-        config = self.config
-        return (
-            config.semantic_inference_mode != "whole"
-            or config.semantic_inference_scales != [1.0]
-            or config.semantic_inference_flip
-        )
+        return not is_single_pass(semantic_inference_options(self.config))
 
     def forward(
         self,

@@ -45,6 +45,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # The keys of `modeling_vpd.TASK_MODEL_CLASSES` and the architecture names `save_pretrained` records for them (plus the
 # segmentation alias), kept literal so that checking arguments needs no torch; a test keeps them in step.
 TASKS = ("depth", "segmentation", "referring", "normals", "multitask")
+# Where a model runs: PyTorch (a checkpoint), or a folder written by `vpd-hf export` on a CPU runtime (vpd_hf.export).
+RUNTIMES = ("torch", "onnxruntime", "openvino")
 TASK_ARCHITECTURES = {
     "VPDModelForDepthEstimation": "depth",
     "VPDModelForSegmentation": "segmentation",
@@ -320,15 +322,22 @@ def check_dataset(dataset: str | Path, dataset_config: str | None) -> None:
 class Predictor:
     """A VPD model + processor that predicts batches of PIL images and writes the results (see the module doc).
     `model`: a folder, a Hub id or a :class:`ModelSource` from :func:`check_model`. `task`: one task, several dense
-    tasks (`"depth,segmentation,normals"`) or `"all"` (every task of a multi-task model), served by one pass."""
+    tasks (`"depth,segmentation,normals"`) or `"all"` (every task of a multi-task model), served by one pass. With
+    `runtime` `onnxruntime` or `openvino`, `model` is a folder written by `vpd-hf export`
+    (`vpd_hf.export.ExportedVPDModel`, called like the model) and `task` its one task."""
 
     def __init__(self, task: str, model: str | Path | ModelSource, device: str | None = None,
-                 dtype: torch.dtype | None = None):  # fmt: skip
+                 dtype: torch.dtype | None = None, runtime: str = "torch"):  # fmt: skip
+        if runtime not in RUNTIMES:
+            raise ValueError(f"`runtime` must be one of {list(RUNTIMES)}, got {runtime!r}.")
+        self.runtime = runtime
+        if runtime != "torch":
+            self.task, self.tasks = task, [task]
+            self._load_exported(model, device, dtype)
+            return
         source = check_model(model, task)  # before torch: a wrong argument is reported at once
         self.device = resolve_device(device)
-        from .image_processing_vpd import VPDImageProcessor
         from .modeling_vpd import TASK_MODEL_CLASSES
-        from .processing_vpd import VPDProcessor
 
         self.tasks = list(source.tasks)
         self.task = self.tasks[0] if len(self.tasks) == 1 else "multitask"
@@ -337,13 +346,38 @@ class Predictor:
         model_class = TASK_MODEL_CLASSES[self.task]
         self.model = model_class.from_pretrained(source.reference, dtype=dtype, use_safetensors=True, **loading)
         self.model = self.model.to(self.device).eval().use_fast_memory_format()
+        self._load_processor(source.reference, loading)
+
+    def _load_exported(self, model: str | Path | ModelSource, device: str | None, dtype: torch.dtype | None) -> None:
+        """`runtime` onnxruntime / openvino: the folder `vpd-hf export` wrote; `dtype` bfloat16 is OpenVINO's bf16
+        inference precision."""
+        import torch
+
+        from .export import ExportedVPDModel
+
+        if device not in (None, "cpu"):
+            raise ValueError(f"`device` {device!r}: the {self.runtime} runtime runs on the CPU; leave it out.")
+        precisions = {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16"}
+        if dtype not in precisions:
+            raise ValueError(f"`dtype` {dtype}: the {self.runtime} runtime runs at float32 or (OpenVINO) bfloat16.")
+        reference = model.reference if isinstance(model, ModelSource) else str(model)
+        self.model = ExportedVPDModel(reference, self.runtime, task=self.task, precision=precisions[dtype])
+        self.device = torch.device("cpu")
+        self._load_processor(reference, {"local_files_only": True})
+
+    def _load_processor(self, reference: str, loading: dict[str, Any]) -> None:
+        from .image_processing_vpd import VPDImageProcessor
+        from .processing_vpd import VPDProcessor
+
         processor_class = VPDProcessor if self.task == "referring" else VPDImageProcessor
-        self.processor = processor_class.from_pretrained(source.reference, **loading)
+        self.processor = processor_class.from_pretrained(reference, **loading)
         self.image_processor = self.processor.image_processor if self.task == "referring" else self.processor
 
     def _inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         import torch
 
+        if self.runtime != "torch":  # an exported graph takes float32 whatever it computes in
+            return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
         dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
         return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
                 for k, v in batch.items() if isinstance(v, torch.Tensor)}  # fmt: skip
@@ -555,17 +589,19 @@ def predict_files(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    runtime: str = "torch",
 ) -> dict[str, Any]:
     """Predicts every image of `inputs` (paths, globs, folders) into `output_dir`; `texts`: the expressions asked
     about every image (referring segmentation). Unreadable images are skipped and reported, not fatal. Returns the
-    counts (`total`, `predicted`, `already_done`, `skipped`) and `skipped_items` (id -> reason)."""
+    counts (`total`, `predicted`, `already_done`, `skipped`) and `skipped_items` (id -> reason). `runtime`:
+    `onnxruntime` / `openvino` run a folder written by `vpd-hf export` (see `vpd_hf.export`)."""
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
     if task == "referring" and not texts:
         raise ValueError("`texts`: referring segmentation needs at least one expression (`--text`).")
     paths = collect_images(inputs)
     names = _unique_names(paths)
-    predictor = Predictor(task, model, device, dtype)
+    predictor = Predictor(task, model, device, dtype, runtime)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     items = [
@@ -596,17 +632,25 @@ def predict_dataset(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     device: str | None = None,
+    runtime: str = "torch",
 ) -> dict[str, Any]:
     """
     Predicts a `datasets` split (Hub id or local folder) into `output_dir`. Under `accelerate launch` each process
     takes a contiguous shard of the split and writes its own manifest `predictions-{rank}-of-{world}.jsonl`; files are
     named by the row index, so a rerun with any number of processes skips what is done. `device`: for a
-    single-process run only (accelerate gives each process its own). Returns what :func:`predict_files` returns.
+    single-process run only (accelerate gives each process its own). `runtime`: as in :func:`predict_files`. Returns
+    what :func:`predict_files` returns.
     """
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
     check_dataset(dataset, dataset_config)
-    source = check_model(model, task)
+    if runtime == "torch":
+        source = check_model(model, task)
+    else:
+        from .export import check_export
+
+        check_export(model, task)
+        source = model
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
@@ -628,7 +672,9 @@ def predict_dataset(
     total = len(rows) if max_samples is None else min(len(rows), max_samples)
     shard = list(range(total))[state.process_index :: state.num_processes]
     width = max(6, len(str(total)))
-    predictor = Predictor(task, source, device or str(state.device), dtype)  # cuda:{local rank} per process
+    if runtime == "torch":
+        device = device or str(state.device)  # cuda:{local rank} per process
+    predictor = Predictor(task, source, device, dtype, runtime)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
 
@@ -651,6 +697,7 @@ def predict_dataset(
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "RUNTIMES",
     "TASKS",
     "ModelSource",
     "Predictor",
