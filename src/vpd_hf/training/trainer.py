@@ -69,6 +69,22 @@ def _truncate_training_log(log_path: Path, global_step: int) -> None:
     checkpointing.atomic_write_text(log_path, "".join(f"{line}\n" for line in kept))
 
 
+def _batches_to_skip(state: dict[str, Any], num_processes: int, batch_size: int, checkpoint: Path) -> int:
+    """The batches of the resumed epoch each process skips: the checkpoint's count per process, converted when the
+    run resumes with another number of processes or per-process batch size (the same examples are skipped; the
+    sampler's order does not depend on the process count). Checkpoints of older versions hold no process count."""
+    saved_processes = state.get("num_processes", num_processes)
+    saved_batch = state.get("per_device_train_batch_size", batch_size)
+    examples = state["batches_in_epoch"] * saved_processes * saved_batch
+    if examples % (num_processes * batch_size):
+        raise ValueError(
+            f"{checkpoint} was written {state['batches_in_epoch']} batches into its epoch by {saved_processes} "
+            f"process(es) with `per_device_train_batch_size` {saved_batch} ({examples} examples): resume with a "
+            f"process count x batch size ({num_processes} x {batch_size} now) that divides {examples}."
+        )
+    return examples // (num_processes * batch_size)
+
+
 def _model_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
     accepted = set(inspect.signature(model.forward).parameters)
     return {key: value for key, value in batch.items() if key in accepted and isinstance(value, torch.Tensor)}
@@ -197,7 +213,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, scheduler, allow_missing_rng_state=config.resume_without_rng_state,
                                 model=model, optimizer=optimizer, keep=keep)  # fmt: skip
-        global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
+        global_step, start_epoch = state["global_step"], state["epoch"]
+        skip_batches = _batches_to_skip(
+            state, accelerator.num_processes, config.per_device_train_batch_size, checkpoint
+        )
         logger.info(
             "Resumed from %s at step %d (epoch %d, batch %d).", checkpoint, global_step, start_epoch, skip_batches
         )
@@ -278,7 +297,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             stopping = config.stop_after_steps is not None and global_step - start_step >= config.stop_after_steps
             if stopping or (config.checkpointing_steps and global_step % config.checkpointing_steps == 0):
                 state = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                         "scheduler": scheduler.state_dict()}  # fmt: skip
+                         "scheduler": scheduler.state_dict(), "num_processes": accelerator.num_processes,
+                         "per_device_train_batch_size": config.per_device_train_batch_size}  # fmt: skip
                 save_checkpoint(accelerator, output_dir, global_step, state, config.checkpoints_total_limit, optimizer,
                                 model=model, keep=keep)  # fmt: skip
             if config.eval_steps and global_step % config.eval_steps == 0 and global_step < total_steps:
