@@ -7,8 +7,10 @@ micro-batches of 2 (gradient accumulation): on CPU BatchNorm normalises each pro
 CUDA-only), and a 2-process run computes exactly what one process computes with 2 accumulated micro-batches. Data order
 is the same (accelerate's seedable sampler; augmentation seeded per example).
 
-Tolerances reached (fp32; measured on this machine): losses and gradient norms of every step equal to 1e-6 relative,
-final weights within 1e-5 absolute (`PARITY` below).
+Tolerances (fp32, one thread per process): losses and gradient norms of every step within 1e-6 relative (reached:
+5.6e-8 and 1.5e-7), final weights within 2e-6 absolute + 1e-5 relative (reached: 4.1e-7; the two-machine DDP run is
+bit-identical to one process). BatchNorm running statistics and the biases of convolutions feeding BatchNorm are
+compared separately (see the tests).
 """
 
 import itertools
@@ -34,8 +36,8 @@ from vpd_hf.training.trainer import _batches_to_skip, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "accelerate"
-PARITY = {"rtol": 1e-4, "atol": 1e-5}  # final weights; losses and gradient norms: LOSS_RTOL
-LOSS_RTOL = 1e-5
+PARITY = {"rtol": 1e-5, "atol": 2e-6}  # final weights (reached: 4.1e-7 absolute)
+LOSS_RTOL = 1e-6  # losses and gradient norms of every step (reached: 5.6e-8 and 1.5e-7 relative)
 STEPS = 4
 
 ARGUMENTS = {
