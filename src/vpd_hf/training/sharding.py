@@ -9,7 +9,7 @@ under FSDP. Here a sharded run writes the files a single-process run writes, gat
   parameter-group order), full tensors, written by the main process, read back with `weights_only=True`;
 * `random_states_<rank>.pkl`: accelerate's RNG state of every process.
 
-So a checkpoint saved by N FSDP processes resumes with 1 process, with N, or under DDP, and the other way round; the
+So a checkpoint saved by N FSDP processes resumes with 1 process or with N (tested), or under DDP (the same layout); the
 completion marker, validation and kill tests of `checkpointing.py` apply unchanged. The gathered state passes through
 the main process's memory once per checkpoint: fine for the ~1 B-parameter UNets here (SD 1.5/2.x, SDXL's 2.6 B with
 a LoRA checkpoint), not a design for 100 B-parameter models.
