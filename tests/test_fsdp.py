@@ -180,11 +180,17 @@ def test_batchnorm_statistics_are_the_main_process_s_as_under_ddp(runs):
     root = runs["root"]
     fsdp, ddp = load_file(root / "fsdp" / "model.safetensors"), load_file(root / "machines" / "model.safetensors")
     reference = load_file(root / "reference" / "model.safetensors")
-    statistics = [key for key in fsdp if key.endswith(("running_mean", "running_var"))]
-    assert statistics
-    for key in statistics:
+    counters = [key for key in fsdp if key.endswith("num_batches_tracked")]
+    assert counters
+    for key in counters:  # one update per step in each process; one per micro-batch in the single process
+        assert int(fsdp[key]) == int(ddp[key]) == STEPS and int(reference[key]) == 2 * STEPS, key
+    variances = [key for key in fsdp if key.endswith("running_var")]
+    for key in variances:
         torch.testing.assert_close(fsdp[key], ddp[key], **PARITY, msg=key)
-    assert any(not torch.allclose(fsdp[key], reference[key], **PARITY) for key in statistics)
+    # Means include the bias of the convolution before (rounding noise moved by AdamW, see _biases_before_batchnorm).
+    for key in [key for key in fsdp if key.endswith("running_mean")]:
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=0, atol=2 * STEPS * ARGUMENTS["learning_rate"], msg=key)
+    assert any(not torch.allclose(fsdp[key], reference[key], **PARITY) for key in variances)
 
 
 def test_fsdp2_output_loads_with_from_pretrained_and_pipeline(runs):
