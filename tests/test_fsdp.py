@@ -53,17 +53,23 @@ def _cli(output_dir: Path, **extra) -> list[str]:
     return [part for key, value in values.items() for part in (f"--{key}", str(value))]
 
 
-def _launch(launcher: list[str], output_dir: Path, env: dict[str, str] | None = None, wait: bool = True, **extra):
-    """`accelerate launch LAUNCHER scripts/train.py ...` (no ACCELERATE_USE_CPU: the config must do)."""
-    environ = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"} | (env or {})
+def _launch(launcher: list[str], output_dir: Path, env: dict[str, str], **extra) -> subprocess.Popen:
+    """Starts `accelerate launch LAUNCHER scripts/train.py ...` (no ACCELERATE_USE_CPU: the config must do); its output
+    goes to a file beside `output_dir` (a pipe nobody reads would stall it). :func:`_finish` waits for it."""
+    environ = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"} | env
     command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(ROOT / "scripts" / "train.py"),
                *_cli(output_dir, **extra)]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ,
-                               cwd=output_dir.parent)  # fmt: skip
-    if not wait:
-        return process
-    output, _ = process.communicate(timeout=600)
-    return process.returncode, output
+    log = output_dir.parent / f"{output_dir.name}-{len(list(output_dir.parent.glob(output_dir.name + '-*.log')))}.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, text=True, env=environ,
+                                   cwd=output_dir.parent)  # fmt: skip
+    process.log = log
+    return process
+
+
+def _finish(process: subprocess.Popen) -> tuple[int, str]:
+    code = process.wait(timeout=600)
+    return code, process.log.read_text()
 
 
 def _train_in_process(output_dir: Path, **extra) -> dict:
@@ -130,28 +136,29 @@ def runs(tmp_path_factory):
     # Two "machines" on this one: machine_rank 0 and 1, one process each, over 127.0.0.1 (DDP).
     machine = ["--config_file", str(CONFIGS / "cpu_ddp.yaml"), "--num_machines", "2", "--num_processes", "2",
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]  # fmt: skip
-    machines = [
-        _launch([*machine, "--machine_rank", str(rank)], root / "machines", one_thread, False, checkpointing_steps=0)
-        for rank in (0, 1)
-    ]
-    outputs = [process.communicate(timeout=600)[0] for process in machines]
-    assert all(process.returncode == 0 for process in machines), outputs[0][-3000:] + outputs[1][-3000:]
-    code, output = _launch(fsdp, root / "fsdp", env=one_thread)
-    assert code == 0, output[-4000:]
+    # Independent launches run side by side (their start-up phases overlap); the killed run needs fsdp's checkpoint.
+    started = {
+        "machines-0": _launch([*machine, "--machine_rank", "0"], root / "machines", one_thread, checkpointing_steps=0),
+        "machines-1": _launch([*machine, "--machine_rank", "1"], root / "machines", one_thread, checkpointing_steps=0),
+        "fsdp": _launch(fsdp, root / "fsdp", one_thread),
+        "lora": _launch(fsdp, root / "lora", one_thread, lora_rank=4, merge_lora="true"),
+    }
+    for name, process in started.items():
+        code, output = _finish(process)
+        assert code == 0, f"{name}: {output[-4000:]}"
     # Resumed from the FSDP run's step-2 checkpoint by 2 processes with gradient checkpointing; process 1 is killed
     # during the sharded save of step 4 (model file written, optimiser state being gathered).
     (root / "killed" / "checkpoints").mkdir(parents=True)
     shutil.copytree(root / "fsdp" / "checkpoints" / "checkpoint_2", root / "killed" / "checkpoints" / "checkpoint_2")
     kill = one_thread | {"VPD_HF_TEST_KILL_AT": "checkpoint_after_model_write@4", "VPD_HF_TEST_KILL_RANK": "1"}
-    killed = _launch(fsdp, root / "killed", env=kill, resume_from_checkpoint="latest", gradient_checkpointing="true")
-    code, output = _launch(fsdp, root / "lora", env=one_thread, lora_rank=4, merge_lora="true")
-    assert code == 0, output[-4000:]
-    torch.set_num_threads(1)  # the references: one thread as the launched processes
+    process = _launch(fsdp, root / "killed", kill, resume_from_checkpoint="latest", gradient_checkpointing="true")
+    torch.set_num_threads(1)  # the references (meanwhile): one thread as the launched processes
     try:
         _train_in_process(root / "reference", gradient_accumulation_steps=2)
         _train_in_process(root / "lora_reference", gradient_accumulation_steps=2, lora_rank=4)
     finally:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
+    killed = _finish(process)
     return {"root": root, "killed": killed}
 
 
