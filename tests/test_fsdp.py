@@ -127,8 +127,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def torch_one_thread():
+    """One thread in this process too: the in-process references compute as the launched processes (one thread each),
+    and small tensor work is much faster than with two threads on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, torch_one_thread):
     """The launches every test below reads (started once: each costs ~10 s of process start-up and imports)."""
     root = tmp_path_factory.mktemp("sharded")
     one_thread = {"OMP_NUM_THREADS": "1"}
@@ -152,12 +162,8 @@ def runs(tmp_path_factory):
     shutil.copytree(root / "fsdp" / "checkpoints" / "checkpoint_2", root / "killed" / "checkpoints" / "checkpoint_2")
     kill = one_thread | {"VPD_HF_TEST_KILL_AT": "checkpoint_after_model_write@4", "VPD_HF_TEST_KILL_RANK": "1"}
     process = _launch(fsdp, root / "killed", kill, resume_from_checkpoint="latest", gradient_checkpointing="true")
-    torch.set_num_threads(1)  # the references (meanwhile): one thread as the launched processes
-    try:
-        _train_in_process(root / "reference", gradient_accumulation_steps=2)
-        _train_in_process(root / "lora_reference", gradient_accumulation_steps=2, lora_rank=4)
-    finally:
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    _train_in_process(root / "reference", gradient_accumulation_steps=2)  # meanwhile: the references
+    _train_in_process(root / "lora_reference", gradient_accumulation_steps=2, lora_rank=4)
     killed = _finish(process)
     return {"root": root, "killed": killed}
 
@@ -262,11 +268,7 @@ def test_a_two_process_fsdp_checkpoint_resumes_in_one_process_as_the_uninterrupt
     root = runs["root"]
     resumed = root / "resumed_one"
     shutil.copytree(root / "killed", resumed)
-    torch.set_num_threads(1)
-    try:
-        result = _train_in_process(resumed, gradient_accumulation_steps=2, resume_from_checkpoint="latest")
-    finally:
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    result = _train_in_process(resumed, gradient_accumulation_steps=2, resume_from_checkpoint="latest")
     assert result["global_step"] == STEPS
     _assert_same_steps(resumed, root / "reference", steps=(3, 4))
     _assert_same_weights(load_file(resumed / "model.safetensors"), load_file(root / "reference" / "model.safetensors"))
