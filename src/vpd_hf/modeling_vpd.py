@@ -293,6 +293,10 @@ class VPDPreTrainedModel(PreTrainedModel):
         "CLIPEncoderLayer",
     ]
 
+    def get_input_embeddings(self) -> None:
+        """None: images come in, no token embedding to tie or resize (accelerate's FSDP2 `prepare` asks)."""
+        return None
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise only the layers VPD owns (tagged by their constructors); diffusion weights are never touched."""

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from . import sharding
+
 logger = logging.getLogger("vpd_hf.training")
 
 TRAINING_STATE = "training_state.json"
@@ -45,7 +47,7 @@ CHECKPOINTS_DIR = "checkpoints"
 PARTIAL_SUFFIX = ".partial"
 REPLACED_SUFFIX = ".replaced"
 CHECKPOINT_FORMAT = 1
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = sharding.MODEL_FILE  # "model.safetensors", as accelerate names it
 RNG_FILE = "random_states_{}.pkl"
 _STATE_KEYS = {"global_step": int, "epoch": int, "batches_in_epoch": int, "scheduler": dict}
 _OUR_NAME = re.compile(r"^checkpoint_(\d+)$")
@@ -54,8 +56,10 @@ _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 
 # Fault injection for the crash tests (never set in normal runs): `VPD_HF_TEST_KILL_AT=<point>[@<step>]` makes process
-# 0 SIGKILL itself at that point (of the checkpoint of that optimiser step, or the first time it is reached).
+# 0 (or process `VPD_HF_TEST_KILL_RANK`) SIGKILL itself at that point (of the checkpoint of that optimiser step, or the
+# first time it is reached).
 KILL_ENV = "VPD_HF_TEST_KILL_AT"
+KILL_RANK_ENV = "VPD_HF_TEST_KILL_RANK"
 KILL_POINTS = (
     "train_step",  # after an optimiser step, before any checkpoint of that step
     "checkpoint_folder_created",  # the (empty) .partial folder exists
@@ -72,9 +76,10 @@ class CheckpointError(ValueError):
 
 
 def kill_point(point: str, step: int, process_index: int = 0) -> None:
-    """SIGKILLs this process at `point` when `VPD_HF_TEST_KILL_AT` asks for it (crash tests only)."""
+    """SIGKILLs this process at `point` when `VPD_HF_TEST_KILL_AT` asks for it (crash tests only); the process is
+    process 0 unless `VPD_HF_TEST_KILL_RANK` names another one."""
     wanted = os.environ.get(KILL_ENV)
-    if not wanted or process_index != 0:
+    if not wanted or process_index != int(os.environ.get(KILL_RANK_ENV, "0")):
         return
     name, _, at = wanted.partition("@")
     if name not in KILL_POINTS:
@@ -312,10 +317,19 @@ def validate_checkpoint(folder: Path, num_processes: int, *, allow_missing_rng_s
 
 
 def load_checkpoint(
-    accelerator: Any, folder: Path, scheduler: Any, *, allow_missing_rng_state: bool = False
+    accelerator: Any,
+    folder: Path,
+    scheduler: Any,
+    *,
+    allow_missing_rng_state: bool = False,
+    model: torch.nn.Module | None = None,
+    optimizer: Any = None,
+    keep: set[str] | None = None,
 ) -> dict[str, Any]:
     """Validates `folder` (:func:`validate_checkpoint`), then restores model, optimiser, RNG (accelerate) and the LR
-    scheduler; returns the training state (`global_step`, `epoch`, `batches_in_epoch`)."""
+    scheduler; returns the training state (`global_step`, `epoch`, `batches_in_epoch`). Under FSDP pass the prepared
+    `model`, `optimizer` and the state names a checkpoint holds (`keep`): the single-process files are loaded into
+    the shards (`sharding.py`)."""
     state = validate_checkpoint(folder, accelerator.num_processes, allow_missing_rng_state=allow_missing_rng_state)
     # `LambdaLR.load_state_dict` copies every key onto the scheduler: accept only the keys a scheduler has.
     unknown = sorted(set(state["scheduler"]) - set(scheduler.state_dict()))
@@ -325,7 +339,12 @@ def load_checkpoint(
             f"or edited). {_advice(folder)}"
         )
     try:
-        accelerator.load_state(str(folder))
+        if sharding.is_fsdp(accelerator):
+            missing, unexpected = sharding.load_sharded_state(accelerator, folder, model, optimizer, keep)
+            if missing or unexpected:
+                raise CheckpointError(_mismatch(folder, missing, unexpected))
+        else:
+            accelerator.load_state(str(folder))
         scheduler.load_state_dict(state["scheduler"])
     except CheckpointError:
         raise
@@ -334,6 +353,13 @@ def load_checkpoint(
             f"{folder}: loading failed ({type(error).__name__}: {_first_line(error)}). {_advice(folder)}"
         ) from error
     return state
+
+
+def _mismatch(folder: Path, missing: list[str], unexpected: list[str]) -> str:
+    return (
+        f"{folder}: {MODEL_FILE} does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]}): it "
+        f"was written for another model or LoRA setting. {_advice(folder)}"
+    )
 
 
 def register_compact_checkpoints(accelerator: Any, model: torch.nn.Module, keep: set[str]) -> None:
@@ -361,11 +387,7 @@ def register_compact_checkpoints(accelerator: Any, model: torch.nn.Module, keep:
             result = target.load_state_dict(state, strict=False)
             missing = [name for name in result.missing_keys if name in keep]
             if missing or result.unexpected_keys:
-                raise CheckpointError(
-                    f"{input_dir}: {MODEL_FILE} does not match the model (missing {missing[:5]}, unexpected "
-                    f"{result.unexpected_keys[:5]}): it was written for another model or LoRA setting. "
-                    f"{_advice(Path(input_dir))}"
-                )
+                raise CheckpointError(_mismatch(Path(input_dir), missing, result.unexpected_keys))
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -412,9 +434,13 @@ def save_checkpoint(
     training_state: Mapping[str, Any],
     total_limit: int | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    model: torch.nn.Module | None = None,
+    keep: set[str] | None = None,
 ) -> Path:
     """Writes a resumable checkpoint of step `global_step` to `output_dir/checkpoints/checkpoint_<step>` so that it
-    appears there only once complete (see the module docstring). Every process must call it."""
+    appears there only once complete (see the module docstring). Every process must call it. Under FSDP pass the
+    prepared `model`, `optimizer` and the state names to keep (`keep`): the shards are gathered into the files a
+    single process writes (`sharding.py`)."""
     checkpoints_dir = Path(output_dir) / CHECKPOINTS_DIR
     final = checkpoints_dir / f"checkpoint_{global_step}"
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
@@ -427,13 +453,17 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     kill_point("checkpoint_folder_created", global_step, rank)
     handle = None
-    if os.environ.get(KILL_ENV) and optimizer is not None:
+    if sharding.is_fsdp(accelerator):
+        sharding.save_sharded_state(accelerator, partial, model, optimizer, keep,
+                                    after_model_write=lambda: kill_point("checkpoint_after_model_write", global_step, rank))  # fmt: skip
+    elif os.environ.get(KILL_ENV) and optimizer is not None:
         # accelerate writes the model first and asks the optimiser for its state next: this is the moment in between.
         handle = getattr(optimizer, "optimizer", optimizer).register_state_dict_pre_hook(
             lambda _: kill_point("checkpoint_after_model_write", global_step, rank)
         )
     try:
-        accelerator.save_state(str(partial))
+        if not sharding.is_fsdp(accelerator):
+            accelerator.save_state(str(partial))
     finally:
         if handle is not None:
             handle.remove()
@@ -472,6 +502,7 @@ __all__ = [
     "COMPLETE_MARKER",
     "KILL_ENV",
     "KILL_POINTS",
+    "KILL_RANK_ENV",
     "TRAINING_STATE",
     "CheckpointError",
     "atomic_write_json",

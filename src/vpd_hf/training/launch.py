@@ -10,6 +10,10 @@ Two accelerate pitfalls on machines without a GPU:
 :func:`use_cpu_for_distributed` makes the second case work (torchrun started several processes and there is no
 accelerator device: the processes join one gloo group on CPU), which is what `configs/accelerate/cpu_ddp.yaml` relies
 on; :func:`warn_if_not_distributed` reports the first case (and any other launch whose process count was lost).
+
+FSDP on CPU (`configs/accelerate/cpu_fsdp.yaml`): with `cpu=True` accelerate makes the run `MULTI_CPU` and drops the
+FSDP plugin the launcher asked for (`ACCELERATE_USE_FSDP`); :func:`enable_fsdp_on_cpu` puts it back, so `prepare`
+shards the model with FSDP2 (`fully_shard` on a CPU device mesh, gloo) exactly as it does on GPUs.
 """
 
 from __future__ import annotations
@@ -47,6 +51,33 @@ def use_cpu_for_distributed(environ: Mapping[str, str] | None = None) -> bool:
     `WORLD_SIZE`) on a machine without an accelerator device."""
     environ = os.environ if environ is None else environ
     return _world_size(environ) > 1 and not _has_accelerator_device()
+
+
+def fsdp_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the launcher asked for FSDP (`distributed_type: FSDP` in the accelerate config)."""
+    environ = os.environ if environ is None else environ
+    return environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def enable_fsdp_on_cpu(accelerator: Any) -> bool:
+    """Makes a CPU multi-process run (:func:`use_cpu_for_distributed`) whose launcher asked for FSDP an FSDP run.
+
+    accelerate ignores FSDP when `cpu=True` (only GPU-like distributed types become FSDP); the plugin is built from the
+    same environment variables accelerate reads, and its mixed precision set as accelerate would. Returns True when it
+    switched the run to FSDP."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if not fsdp_requested() or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin()
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state = accelerator.state  # AcceleratorState: one shared dict for every instance
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
 
 
 def _parent_command_line() -> list[str]:
@@ -106,4 +137,10 @@ def warn_if_not_distributed(accelerator: Any, environ: Mapping[str, str] | None 
     return True
 
 
-__all__ = ["requested_num_processes", "use_cpu_for_distributed", "warn_if_not_distributed"]
+__all__ = [
+    "enable_fsdp_on_cpu",
+    "fsdp_requested",
+    "requested_num_processes",
+    "use_cpu_for_distributed",
+    "warn_if_not_distributed",
+]

@@ -21,9 +21,10 @@ from .checkpointing import TRAINING_STATE, atomic_write_json, kill_point, load_c
 from .config import TrainConfig
 from .data import build_datasets, build_model_and_processor, load_raw_splits
 from .evaluation import EvaluationOptions, evaluate
-from .launch import use_cpu_for_distributed, warn_if_not_distributed
+from .launch import enable_fsdp_on_cpu, use_cpu_for_distributed, warn_if_not_distributed
 from .lora import add_unet_lora, cast_frozen_weights, merge_unet_lora, save_unet_lora
 from .optimization import build_optimizer, build_scheduler, describe_groups
+from .sharding import broadcast_from_main, unsharded_copy
 
 logger = logging.getLogger("vpd_hf.training")
 
@@ -68,6 +69,22 @@ def _truncate_training_log(log_path: Path, global_step: int) -> None:
     checkpointing.atomic_write_text(log_path, "".join(f"{line}\n" for line in kept))
 
 
+def _batches_to_skip(state: dict[str, Any], num_processes: int, batch_size: int, checkpoint: Path) -> int:
+    """The batches of the resumed epoch each process skips: the checkpoint's count per process, converted when the
+    run resumes with another number of processes or per-process batch size (the same examples are skipped; the
+    sampler's order does not depend on the process count). Checkpoints of older versions hold no process count."""
+    saved_processes = state.get("num_processes", num_processes)
+    saved_batch = state.get("per_device_train_batch_size", batch_size)
+    examples = state["batches_in_epoch"] * saved_processes * saved_batch
+    if examples % (num_processes * batch_size):
+        raise ValueError(
+            f"{checkpoint} was written {state['batches_in_epoch']} batches into its epoch by {saved_processes} "
+            f"process(es) with `per_device_train_batch_size` {saved_batch} ({examples} examples): resume with a "
+            f"process count x batch size ({num_processes} x {batch_size} now) that divides {examples}."
+        )
+    return examples // (num_processes * batch_size)
+
+
 def _model_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
     accepted = set(inspect.signature(model.forward).parameters)
     return {key: value for key, value in batch.items() if key in accepted and isinstance(value, torch.Tensor)}
@@ -108,10 +125,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    enable_fsdp_on_cpu(accelerator)  # `cpu_fsdp.yaml`: accelerate drops FSDP on CPU, this puts it back
     warn_if_not_distributed(accelerator)
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if fsdp and config.lora_rank:
-        raise ValueError("`lora_rank` is not supported under FSDP; train LoRA with DDP (adapters need no sharding).")
+    if fsdp and config.lora_frozen_dtype:
+        raise ValueError(
+            "`lora_frozen_dtype` is not supported under FSDP (FSDP2 gathers a block's parameters in one dtype); its "
+            "mixed precision (`mixed_precision=bf16`) already computes the frozen base in bf16."
+        )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
@@ -155,8 +176,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
         betas=tuple(config.adam_betas),
         fused=True if accelerator.device.type == "cuda" else None,
     )
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and not fsdp:
-        model.convert_sync_batchnorm()  # BatchNorm statistics over the global batch (SyncBatchNorm is CUDA-only)
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        # BatchNorm statistics over the global batch, under DDP and FSDP alike (SyncBatchNorm is CUDA-only: on CPU
+        # each process normalises its own micro-batch, as one process does with gradient accumulation).
+        model.convert_sync_batchnorm()
+    if fsdp and accelerator.num_processes > 1:
+        broadcast_from_main(model, accelerator.device)  # one model on every process before each keeps its shard
+    keep = compact_state_names(model)  # what checkpoints hold (the names survive FSDP2's sharding)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     if len(train_loader) == 0:  # batches are kept full (drop_last): an epoch would have no step and never end
         raise ValueError(
@@ -178,17 +204,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # Stepped once per optimiser update by this loop (accelerate's prepared scheduler would step once per process).
     # Its state is saved in training_state.json, not with `register_for_checkpointing`: accelerate unpickles those
     # objects with weights_only=False, i.e. a checkpoint could run code on resume.
-    if not fsdp:  # FSDP writes its own (full-state) checkpoints through accelerate
+    if not fsdp:  # under FSDP, sharding.py gathers the same files from the shards
         register_compact_checkpoints(accelerator, model)
     options = EvaluationOptions.from_config(config)
 
     global_step, start_epoch, skip_batches = 0, 0, 0
     checkpoint = resolve_checkpoint(config)  # logs the folder it chose before anything is loaded
     if checkpoint is not None:
-        state = load_checkpoint(
-            accelerator, checkpoint, scheduler, allow_missing_rng_state=config.resume_without_rng_state
+        state = load_checkpoint(accelerator, checkpoint, scheduler, allow_missing_rng_state=config.resume_without_rng_state,
+                                model=model, optimizer=optimizer, keep=keep)  # fmt: skip
+        global_step, start_epoch = state["global_step"], state["epoch"]
+        skip_batches = _batches_to_skip(
+            state, accelerator.num_processes, config.per_device_train_batch_size, checkpoint
         )
-        global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
         logger.info(
             "Resumed from %s at step %d (epoch %d, batch %d).", checkpoint, global_step, start_epoch, skip_batches
         )
@@ -214,7 +242,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     progress = tqdm(
         total=total_steps, initial=global_step, desc="Training", disable=not accelerator.is_local_main_process
     )
-    running, running_count = 0.0, 0
+    running, running_count, grad_norm = 0.0, 0, math.nan
     epoch, start_step, stopping = start_epoch, global_step, False
     started = time.perf_counter()
     while global_step < total_steps:
@@ -236,8 +264,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
                         "lower the learning rate, check the data, or use bf16 instead of fp16."
                     )
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                if accelerator.sync_gradients:
+                    # The norm of the averaged gradient is logged: a run whose gradients were summed over processes
+                    # instead of averaged shows it (AdamW alone would hide it). Clipped only with `max_grad_norm`.
+                    if config.max_grad_norm:
+                        norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    else:
+                        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             batches_in_epoch += 1
@@ -257,13 +291,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 accelerator.log({"train/loss": mean_loss, "train/lr": max(lr)}, step=global_step)
                 if accelerator.is_main_process:
                     with log_path.open("a") as handle:
-                        handle.write(json.dumps({"step": global_step, "loss": mean_loss, "lr": max(lr)}) + "\n")
+                        entry = {"step": global_step, "loss": mean_loss, "lr": max(lr), "grad_norm": grad_norm}
+                        handle.write(json.dumps(entry) + "\n")
             kill_point("train_step", global_step, accelerator.process_index)
             stopping = config.stop_after_steps is not None and global_step - start_step >= config.stop_after_steps
             if stopping or (config.checkpointing_steps and global_step % config.checkpointing_steps == 0):
                 state = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                         "scheduler": scheduler.state_dict()}  # fmt: skip
-                save_checkpoint(accelerator, output_dir, global_step, state, config.checkpoints_total_limit, optimizer)
+                         "scheduler": scheduler.state_dict(), "num_processes": accelerator.num_processes,
+                         "per_device_train_batch_size": config.per_device_train_batch_size}  # fmt: skip
+                save_checkpoint(accelerator, output_dir, global_step, state, config.checkpoints_total_limit, optimizer,
+                                model=model, keep=keep)  # fmt: skip
             if config.eval_steps and global_step % config.eval_steps == 0 and global_step < total_steps:
                 metrics = evaluate(model, eval_loader, config.task, options, accelerator)
                 accelerator.log(
@@ -289,6 +326,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model) if fsdp else None  # a collective: every rank gathers
     if accelerator.is_main_process:
+        if fsdp:  # the saving below (LoRA adapter, merge, save_pretrained) runs on an unsharded copy
+            unwrapped = unsharded_copy(unwrapped, state_dict)
         if config.lora_rank:
             save_unet_lora(unwrapped, output_dir / "lora")
             if config.merge_lora:
@@ -296,7 +335,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             else:  # the saved model is the base UNet + trained heads; `load_unet_lora` adds the adapter back
                 unwrapped.vpd.unet.unload_lora()
             unwrapped.float()  # frozen weights kept in bf16/fp16 during training are saved in float32
-        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
+        unwrapped.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
         summary = {"metrics": metrics, "global_step": global_step, "train_seconds": elapsed,
                    "num_processes": accelerator.num_processes, "protocol": dataclasses.asdict(options),

@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Peak memory and time of VPD training steps (depth model, AdamW), measured beside the bytes predicted from the
+parameter, gradient and optimiser-state counts.
+
+    # one row, in a fresh process (the peak RSS, VmHWM, is never reset):
+    flock /tmp/vpd-heavy.lock python scripts/measure_training_memory.py --mode lora --checkpointing --batch 1
+    # FSDP2 over 2 CPU processes (peak per process):
+    flock /tmp/vpd-heavy.lock accelerate launch --config_file configs/accelerate/cpu_fsdp.yaml \\
+        scripts/measure_training_memory.py --mode full --batch 1
+
+The model has the SD-1.5 size (VPDConfig's defaults: 860 M-parameter UNet, VAE encoder, depth head) with random
+weights (nothing is downloaded); `--tiny` uses the test model. Each row prints one JSON line: measured peak RSS per
+process, seconds per step (the last of `--steps`), parameter counts, and the predicted bytes before activations:
+weights 4 bytes per parameter (fp32; bf16 autocast keeps fp32 weights), gradients 4 and AdamW 8 bytes per trainable
+parameter; under FSDP all three divide by the number of devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+GIB = 1024**3
+
+
+def status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(next(line.split()[1] for line in status if line.startswith(f"{field}:"))) * 1024
+
+
+def predicted_bytes(parameters: int, trainable: int, devices: int = 1, sharded: bool = False) -> int:
+    """Weights + gradients + AdamW states (fp32) per device, before activations; `sharded`: FSDP over `devices`."""
+    total = 4 * parameters + 12 * trainable
+    return total // devices if sharded else total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["full", "lora"], default="full")
+    parser.add_argument("--lora_rank", type=int, default=16)
+    parser.add_argument("--checkpointing", action="store_true", help="the UNet's gradient checkpointing")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--crop", type=int, default=480)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="the tiny test model (to try the script)")
+    args = parser.parse_args()
+
+    import torch
+    from accelerate import Accelerator
+
+    import vpd_hf
+    from vpd_hf.testing_utils import tiny_vpd_config
+    from vpd_hf.training.launch import enable_fsdp_on_cpu, use_cpu_for_distributed
+    from vpd_hf.training.lora import add_unet_lora
+    from vpd_hf.training.sharding import broadcast_from_main, is_fsdp
+
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=use_cpu_for_distributed())
+    enable_fsdp_on_cpu(accelerator)
+    torch.manual_seed(0)
+    config = tiny_vpd_config() if args.tiny else vpd_hf.VPDConfig()
+    model = vpd_hf.VPDModelForDepthEstimation(config).train()
+    model.vpd.vae.requires_grad_(False)  # frozen in every VPD run
+    if args.mode == "lora":
+        add_unet_lora(model, args.lora_rank)
+    if args.checkpointing:
+        model.activation_checkpointing_enable()
+    parameters = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    if is_fsdp(accelerator):
+        broadcast_from_main(model, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    after_prepare = status_bytes("VmHWM")
+
+    generator = torch.Generator().manual_seed(accelerator.process_index)
+    times = []
+    for _ in range(args.steps):
+        pixels = torch.rand(args.batch, 3, args.crop, args.crop, generator=generator) * 2 - 1
+        depth = torch.rand(args.batch, args.crop, args.crop, generator=generator) * 9 + 0.5
+        start = time.perf_counter()
+        loss = model(pixel_values=pixels, labels=depth).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    peaks = accelerator.gather(torch.tensor([status_bytes("VmHWM")], dtype=torch.float64))
+    if accelerator.is_main_process:
+        processes = accelerator.num_processes
+        row = {
+            "mode": args.mode + (f" r{args.lora_rank}" if args.mode == "lora" else ""),
+            "checkpointing": args.checkpointing,
+            "bf16_autocast": args.bf16,
+            "batch": args.batch,
+            "crop": args.crop,
+            "processes": processes,
+            "fsdp": is_fsdp(accelerator),
+            "parameters": parameters,
+            "trainable": trainable,
+            "peak_rss_gib_per_process": [round(float(p) / GIB, 2) for p in peaks],
+            "rss_after_prepare_gib": round(after_prepare / GIB, 2),
+            "seconds_per_step": [round(t, 2) for t in times],
+            "predicted_gib_this_run": round(
+                predicted_bytes(parameters, trainable, processes, is_fsdp(accelerator)) / GIB, 2
+            ),
+            "predicted_gib_per_gpu": {
+                str(n): round(predicted_bytes(parameters, trainable, n, sharded=n > 1) / GIB, 2) for n in (1, 2, 8)
+            },
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "tiny": args.tiny,
+        }
+        print(json.dumps(row), flush=True)
+        path = os.environ.get("VPD_MEMORY_TABLE")
+        if path:
+            with open(path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
