@@ -122,9 +122,8 @@ def references(exports):
 
 
 def _main_output(task: str, output) -> torch.Tensor:
-    return {"depth": output.predicted_depth, "normals": getattr(output, "predicted_normals", None)}.get(
-        task, getattr(output, "logits", None)
-    )
+    name = {"depth": "predicted_depth", "normals": "predicted_normals"}.get(task, "logits")
+    return getattr(output, name)
 
 
 def _assert_close(task: str, got: torch.Tensor, expected: torch.Tensor) -> None:
