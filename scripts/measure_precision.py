@@ -39,20 +39,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def randomize(model, seed: int = 0):
-    """Every floating tensor of the state dict drawn from N(0, its std) — N(0, 1) where it is constant (norm
-    weights, zero-initialised output layers) — so that no layer is dead and every difference can show."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point() and "running_var" not in name:
-                spread = float(tensor.std()) if tensor.numel() > 1 else 0.0
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * (spread if spread > 0 else 1.0))
-    return model.eval()
-
-
 def random_models(size: str) -> dict[str, tuple[Any, Any]]:
     """(model, processor) of each task with random weights: SD-1.5 widths or the tiny test configuration."""
     import tempfile
@@ -93,7 +79,7 @@ def random_models(size: str) -> dict[str, tuple[Any, Any]]:
         tokenizer = CLIPTokenizer.from_pretrained(testing_utils.save_tiny_clip_tokenizer(folder), model_max_length=16)
     models = {}
     for seed, task in enumerate(TASKS):
-        model = randomize(vpd_hf.TASK_MODEL_CLASSES[task](configs[task]), seed=seed)
+        model = testing_utils.randomize_weights(vpd_hf.TASK_MODEL_CLASSES[task](configs[task]), seed=seed)
         image_processor = vpd_hf.VPDImageProcessor()
         processor = vpd_hf.VPDProcessor(image_processor, tokenizer) if task == "referring" else image_processor
         models[task] = (model, processor)

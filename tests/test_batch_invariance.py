@@ -11,7 +11,7 @@ import vpd_hf
 from vpd_hf import VPDImageProcessor
 from vpd_hf.batching import crop, merge, size_groups, valid_extent
 from vpd_hf.pipelines import VPDDepthEstimationPipeline, VPDImageSegmentationPipeline
-from vpd_hf.testing_utils import tiny_referring_config, tiny_segmentation_config, tiny_vpd_config
+from vpd_hf.testing_utils import randomize_weights, tiny_referring_config, tiny_segmentation_config, tiny_vpd_config
 
 # Sizes (width, height) that the tiny processor below turns into four different padded sizes, and two alike.
 SIZES = [(70, 50), (40, 90), (64, 64), (100, 30), (50, 70), (33, 47), (90, 40), (64, 60)]
@@ -25,17 +25,19 @@ def fp32_close(batched: torch.Tensor, single: torch.Tensor, tolerance: float = 1
 
 def perturb(model, seed=0):
     """Every weight gets a visible random value, so that padding seen by any layer changes the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point() and "running_var" not in name:
-                # constant tensors (norm weights, zero-initialised output layers) get unit noise: scaled by their
-                # std of 0 they would become zeros, and a model whose output layer is zero predicts a constant
-                spread = float(tensor.std()) if tensor.numel() > 1 else 0.0
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * (spread if spread > 0 else 1.0))
-                if "prompt_embeddings" in name or name.endswith("gamma"):
-                    tensor.normal_(generator=generator)
-    return model.eval()
+    return randomize_weights(model, seed)
+
+
+# A probability within TIE of the 0.5 threshold is a tie that float rounding decides (fp32 outputs agree to ~1e-6).
+TIE = 1e-5
+# Masks where only the probabilities are at hand (pipeline, saved PNGs): at most this share of pixels may differ, the
+# ties. The defect this guards against moved 10-18 % of the pixels.
+MASK_TIES = 1e-3
+
+
+def assert_same_mask(batched: np.ndarray, single: np.ndarray) -> None:
+    changed = float((batched.astype(bool) != single.astype(bool)).mean())
+    assert batched.shape == single.shape and changed <= MASK_TIES, changed
 
 
 def images(seed=0):
@@ -181,7 +183,9 @@ def test_referring_model_is_batch_invariant(ref_model, request, preprocessing, b
     single, batched = _single_and_batched(run, pictures, batch_size)
     for a, b in zip(single, batched, strict=True):
         fp32_close(b["probabilities"], a["probabilities"])
-        assert torch.equal(b["mask"], a["mask"])
+        # labels at the threshold are float rounding's to decide: identical elsewhere
+        decided = (a["probabilities"] - 0.5).abs() > TIE
+        assert torch.equal(b["mask"][decided], a["mask"][decided])
 
 
 @pytest.mark.parametrize("batch_size", [2, 8])
@@ -318,11 +322,13 @@ def save_task_folders(tiny_sd_dir, root, processor):
 
 def centre_referring_logits(model, processor):
     """Shifts the foreground bias so that about half of the pixels of a test image are foreground: the masks then
-    have edges, where a change of the probabilities shows (a random head predicts all-background)."""
+    have edges, where a change of the probabilities shows (a random head predicts all-background). The shift is off
+    the median by a fraction of the spread: at the median itself a pixel would sit exactly on the threshold, where
+    float rounding decides its label."""
     inputs = processor(images=images(7)[0], text="the left box", return_tensors="pt")
     with torch.no_grad():
-        logits = model(**inputs).logits
-        model.decoder.conv1_1.bias[1] -= float((logits[:, 1] - logits[:, 0]).median())
+        margin = model(**inputs).logits.diff(dim=1)
+        model.decoder.conv1_1.bias[1] -= float(margin.median() + 0.0123 * margin.std())
 
 
 def test_depth_pipeline_batches_mixed_sizes(pipeline_folders):
@@ -376,7 +382,7 @@ def test_referring_pipeline_batches_images_with_several_expressions(request, fol
             assert [r["text"] for r in b] == [r["text"] for r in a]
             for x, y in zip(a, b, strict=True):
                 assert x["mask"].size == y["mask"].size
-                np.testing.assert_array_equal(np.asarray(y["mask"]), np.asarray(x["mask"]))
+                assert_same_mask(np.asarray(y["mask"]), np.asarray(x["mask"]))
                 assert abs(x["score"] - y["score"]) <= 1e-5
 
 
@@ -433,6 +439,9 @@ def test_vpd_hf_predict_writes_the_same_files_whatever_the_batch_size(request, f
         for name, single in written[1].items():
             batched = written[batch_size][name]
             # 16-bit millimetres and colour maps may round the last unit differently; labels and masks are equal
+            if name.endswith("_mask.png"):
+                assert_same_mask(batched, single)
+                continue
             tolerance = 1 if name.endswith(("depth16.png", "depth.png")) else 0
             assert np.abs(batched - single).max() <= tolerance, (batch_size, name)
 

@@ -298,6 +298,19 @@ def perturb_weights(model: torch.nn.Module, scale: float, seed: int = 0) -> torc
     return model
 
 
+def randomize_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Replaces every floating tensor of the state dict (BatchNorm's `running_var` excepted) by N(0, its std) — N(0, 1)
+    where it is constant (norm weights, zero-initialised output layers, which scaled by their std of 0 would stay
+    dead) — so that no layer hides a difference; returns the model in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and "running_var" not in name:
+                spread = float(tensor.std()) if tensor.numel() > 1 else 0.0
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * (spread if spread > 0 else 1.0))
+    return model.eval()
+
+
 def save_tiny_stable_diffusion(directory: str | Path, seed: int = 0, family: str = "sd15") -> Path:
     r"""
     Writes a tiny random Stable Diffusion checkpoint in the diffusers Hub layout and returns its path.
@@ -368,6 +381,7 @@ __all__ = [
     "TINY_UNET_CONFIG",
     "TINY_VAE_CONFIG",
     "perturb_weights",
+    "randomize_weights",
     "save_tiny_clip_tokenizer",
     "save_tiny_stable_diffusion",
     "tiny_clip_text_config",
