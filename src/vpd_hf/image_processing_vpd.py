@@ -454,16 +454,21 @@ class VPDImageProcessor(PilBackend):
             raise ValueError("`outputs.predicted_depth` must be a (batch, height, width) tensor.")
         pixel_mask = _pixel_mask_of(outputs)
         sizes = self._check_target_sizes(target_sizes, predicted_depth.shape[0])
-        results = []
-        for index, (depth, size) in enumerate(zip(predicted_depth, sizes, strict=True)):
-            depth = self._unpad(depth, None if pixel_mask is None else pixel_mask[index]).float()
-            if size is not None and tuple(depth.shape) != size:
-                antialias = size[0] < depth.shape[0] or size[1] < depth.shape[1]
-                depth = F.interpolate(
-                    depth[None, None], size=size, mode="bilinear", align_corners=False, antialias=antialias
-                )[0, 0]
-            results.append({"predicted_depth": depth})
-        return results
+        return [
+            {"predicted_depth": self._full_resolution_to_target(depth[None], pixel_mask, index, size)[0]}
+            for index, (depth, size) in enumerate(zip(predicted_depth, sizes, strict=True))
+        ]
+
+    def _full_resolution_to_target(
+        self, prediction: torch.Tensor, pixel_mask: torch.Tensor | None, index: int, size: tuple[int, int] | None
+    ) -> torch.Tensor:
+        """A `(C, H, W)` prediction at the input resolution -> float32, image `index`'s padding removed, resized
+        bilinearly (antialiased when shrinking) to `size`."""
+        image = self._unpad(prediction, None if pixel_mask is None else pixel_mask[index]).float()
+        if size is None or tuple(image.shape[-2:]) == size:
+            return image
+        antialias = size[0] < image.shape[-2] or size[1] < image.shape[-1]
+        return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=antialias)[0]
 
     def post_process_normal_estimation(
         self,
@@ -483,16 +488,14 @@ class VPDImageProcessor(PilBackend):
             raise ValueError("`outputs.predicted_normals` must be a (batch, 3, height, width) tensor.")
         pixel_mask = _pixel_mask_of(outputs)
         sizes = self._check_target_sizes(target_sizes, normals.shape[0])
-        results = []
-        for index, size in enumerate(sizes):
-            image = self._unpad(normals[index], None if pixel_mask is None else pixel_mask[index]).float()
-            if size is not None and tuple(image.shape[-2:]) != size:
-                antialias = size[0] < image.shape[-2] or size[1] < image.shape[-1]
-                image = F.interpolate(
-                    image[None], size=size, mode="bilinear", align_corners=False, antialias=antialias
-                )[0]
-            results.append({"predicted_normals": F.normalize(image, dim=0, eps=1e-6)})
-        return results
+        return [
+            {
+                "predicted_normals": F.normalize(
+                    self._full_resolution_to_target(image, pixel_mask, index, size), dim=0, eps=1e-6
+                )
+            }
+            for index, (image, size) in enumerate(zip(normals, sizes, strict=True))
+        ]
 
     def post_process_semantic_segmentation(
         self,
