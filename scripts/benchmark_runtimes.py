@@ -25,6 +25,7 @@ import gc
 import importlib.util
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,13 +37,36 @@ from typing import Any
 RUNTIMES = ("eager-fp32", "eager-bf16", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16")
 
 
-def _benchmark_module():
-    """scripts/benchmark.py (its model building and memory readings), imported by path."""
-    path = Path(__file__).with_name("benchmark.py")
-    spec = importlib.util.spec_from_file_location("vpd_benchmark", path)
+def _script(name: str):
+    """A sibling script imported by path: benchmark.py (model building, memory readings), measure_precision.py."""
+    spec = importlib.util.spec_from_file_location(f"vpd_{name}", Path(__file__).with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _benchmark_module():
+    return _script("benchmark")
+
+
+def calibrate_depth_head(folder: Path, side: int) -> bool:
+    """Random weights saturate the depth head (`sigmoid * max_depth` of large logits is a constant map, and parity
+    would compare constants): rescale its last convolution once, as scripts/measure_precision.py does, so that the
+    depth of a photo spans its range, and save the model back (marker file `head_calibrated`). True if it changed."""
+    from PIL import Image
+
+    import vpd_hf
+
+    marker = folder / "head_calibrated"
+    if marker.is_file():
+        return False
+    model = vpd_hf.VPDModelForDepthEstimation.from_pretrained(folder).eval()
+    photo = Image.open(Path(__file__).resolve().parent.parent / "src" / "vpd_hf" / "assets" / "coffee.jpg")
+    image = photo.convert("RGB").resize((side, side), Image.BILINEAR)
+    _script("measure_precision").calibrate("depth", model, vpd_hf.VPDImageProcessor(do_resize=False), image)
+    model.save_pretrained(folder)
+    marker.write_text("ok")
+    return True
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -123,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bench = _benchmark_module()
     if not (bench.model_path(args, "depth") / "benchmark_ready").is_file():
         bench.build_and_save(args, "depth")
+    if calibrate_depth_head(bench.model_path(args, "depth"), args.side) and args.export_dir.is_dir():
+        shutil.rmtree(args.export_dir)  # exported from the model before calibration
     result: dict[str, Any] = {"size": args.size, "side": args.side, "repeats": args.repeats}
     if not (args.export_dir / "export_info.json").is_file():
         gc.collect()
