@@ -52,3 +52,14 @@ def make_pixels():
         return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
     return make
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state (mixed precision included): a training run in the test process starts
+    from a clean one (modules that train use it through `pytestmark`)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

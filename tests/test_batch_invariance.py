@@ -320,12 +320,12 @@ def save_task_folders(tiny_sd_dir, root, processor):
     return folders
 
 
-def centre_referring_logits(model, processor):
+def centre_referring_logits(model, processor, image=None, text="the left box"):
     """Shifts the foreground bias so that about half of the pixels of a test image are foreground: the masks then
     have edges, where a change of the probabilities shows (a random head predicts all-background). The shift is off
     the median by a fraction of the spread: at the median itself a pixel would sit exactly on the threshold, where
     float rounding decides its label."""
-    inputs = processor(images=images(7)[0], text="the left box", return_tensors="pt")
+    inputs = processor(images=images(7)[0] if image is None else image, text=text, return_tensors="pt")
     with torch.no_grad():
         margin = model(**inputs).logits.diff(dim=1)
         model.decoder.conv1_1.bias[1] -= float(margin.median() + 0.0123 * margin.std())
@@ -465,10 +465,7 @@ def test_bf16_batch_bound_holds_where_the_difference_shows(keeping, tmp_path):
     tokenizer = CLIPTokenizer.from_pretrained(save_tiny_clip_tokenizer(tmp_path), model_max_length=16)
     processor = VPDProcessor(keeping, tokenizer)
     image = images(10)[0].resize((96, 96))
-    centre = processor(images=image, text="the thing on the left", return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**centre).logits
-        model.decoder.conv1_1.bias[1] -= float((logits[:, 1] - logits[:, 0]).median())
+    centre_referring_logits(model, processor, image, "the thing on the left")
 
     def probabilities(net, copies, dtype):
         inputs = processor(images=[image] * copies, text=["the thing on the left"] * copies, return_tensors="pt")

@@ -5,7 +5,6 @@ evaluation equals metrics computed by hand from one pass (+ flip) per image."""
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import vpd_hf
@@ -20,11 +19,7 @@ from vpd_hf.training.trainer import train
 SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
 
 
 def config(tmp_path, name, **overrides):
