@@ -307,3 +307,26 @@ def test_batches_to_skip_convert_between_process_counts(tmp_path):
     assert _batches_to_skip({"batches_in_epoch": 5}, 4, 2, tmp_path) == 5  # older checkpoints: as written
     with pytest.raises(ValueError, match=r"12 examples.*divides 12"):
         _batches_to_skip(state, 5, 1, tmp_path)
+
+
+def test_end_run_collects_the_prepared_modules_before_the_process_group_ends(fresh_accelerate_state, monkeypatch):
+    """Sharded modules collected after the process group was destroyed, at interpreter exit, made gloo abort 3 of 5
+    SD-size FSDP2 LoRA runs after their last step. `end_run` (which `train` calls) releases the accelerator's
+    references and collects reference cycles first: a prepared model in a cycle is gone when `end_training` runs."""
+    import weakref
+
+    from accelerate import Accelerator
+
+    from vpd_hf.training.sharding import end_run
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 2)
+    model.cycle = [model]  # as FSDP2's state and hooks refer back to their module
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    alive = weakref.ref(model)
+    seen = []
+    monkeypatch.setattr(Accelerator, "end_training", lambda self: seen.append(alive() is None))
+    del model, optimizer
+    end_run(accelerator)
+    assert seen == [True]

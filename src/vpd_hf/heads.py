@@ -198,7 +198,9 @@ class VPDDepthHead(VPDConvDeconvHead):
         self.max_depth = float(max_depth)
 
     def activation(self, outputs: torch.Tensor) -> torch.Tensor:
-        return (torch.sigmoid(outputs) * self.max_depth)[:, 0]
+        # channel selected before the product: the result owns its memory (not a view), which FSDP2 wants of a root
+        # module's outputs; the values are the same element-wise ops
+        return torch.sigmoid(outputs[:, 0]) * self.max_depth
 
 
 class VPDNormalsHead(VPDConvDeconvHead):

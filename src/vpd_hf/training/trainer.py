@@ -24,7 +24,7 @@ from .evaluation import EvaluationOptions, evaluate
 from .launch import enable_fsdp_on_cpu, use_cpu_for_distributed, warn_if_not_distributed
 from .lora import add_unet_lora, cast_frozen_weights, merge_unet_lora, save_unet_lora
 from .optimization import build_optimizer, build_scheduler, describe_groups
-from .sharding import broadcast_from_main, unsharded_copy
+from .sharding import broadcast_from_main, end_run, unsharded_copy
 
 logger = logging.getLogger("vpd_hf.training")
 
@@ -107,6 +107,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     Returns:
         `{"metrics": final evaluation metrics, "global_step": int, "output_dir": str, "history": [(step, loss), ...]}`.
     """
+    result, accelerator = _train(config)
+    end_run(accelerator)  # after `_train` returned: its model, optimizer and batches are unreferenced by then
+    return result
+
+
+def _train(config: TrainConfig) -> tuple[dict[str, Any], Any]:
+    """`train`'s run; returns its result and the accelerator, whose run `train` ends."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 
@@ -316,8 +323,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if stopping and global_step < total_steps:
         logger.info("Stopped after %d steps (step %d of %d); resume with --resume_from_checkpoint latest.",
                     global_step - start_step, global_step, total_steps)  # fmt: skip
-        accelerator.end_training()
-        return {"metrics": None, "global_step": global_step, "output_dir": str(output_dir), "history": history}
+        stopped = {"metrics": None, "global_step": global_step, "output_dir": str(output_dir), "history": history}
+        return stopped, accelerator
     elapsed = time.perf_counter() - started
 
     metrics = evaluate(model, eval_loader, config.task, options, accelerator)
@@ -345,8 +352,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         logger.info("Final metrics: %s; model saved to %s", _summary(metrics), output_dir)
     if config.push_to_hub and accelerator.is_main_process:
         _push(config, output_dir)
-    accelerator.end_training()
-    return {"metrics": metrics, "global_step": global_step, "output_dir": str(output_dir), "history": history}
+    result = {"metrics": metrics, "global_step": global_step, "output_dir": str(output_dir), "history": history}
+    return result, accelerator
 
 
 def _summary(metrics: dict[str, Any]) -> str:
@@ -357,18 +364,10 @@ def _push(config: TrainConfig, output_dir: Path) -> None:
     push_to_hub(output_dir, config.hub_model_id, commit_message="Upload VPD model trained with vpd_hf")
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
-    """The training command line (`scripts/train.py`, `vpd-hf train`)."""
-    from .config import parse_config
-
-    return train(parse_config(argv, prog=prog))
-
-
 __all__ = [
     "TRAINING_STATE",
     "NonFiniteLossError",
     "compact_state_names",
-    "main",
     "register_compact_checkpoints",
     "resolve_checkpoint",
     "train",
