@@ -9,7 +9,7 @@ Depth: shifted windows + flip, Eigen crop on 480x640 frames. Segmentation: slidi
 The logic lives in `vpd_hf.training.evaluation` (also `vpd-hf evaluate`).
 """
 
-from vpd_hf.training.evaluation import main
+from vpd_hf.training.commands import evaluate_main as main
 
 if __name__ == "__main__":
     main()

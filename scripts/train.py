@@ -8,7 +8,7 @@ Every option is a named argument (`--help`); `--recipe` loads the paper's settin
 The logic lives in `vpd_hf.training` (also `vpd-hf train`).
 """
 
-from vpd_hf.training.trainer import main
+from vpd_hf.training.commands import train_main as main
 
 if __name__ == "__main__":
     main()

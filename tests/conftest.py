@@ -30,6 +30,29 @@ def tiny_sd_dir(tmp_path_factory):
     return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd"), seed=0)
 
 
+def _starts_background(item: pytest.Item) -> bool:
+    return hasattr(getattr(item, "module", None), "start_in_background")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with background work (see `background_work`) run last, when their work has had the whole session to
+    finish; the order within each group is kept."""
+    items.sort(key=_starts_background)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_work(request):
+    """Test modules with long, independent subprocess work define `start_in_background(request)` (and
+    `stop_background()`): it is started when the session starts, if the session runs any of their tests, so that it
+    overlaps with the rest of the suite instead of running alone when their turn comes."""
+    modules = {item.module for item in request.session.items if _starts_background(item)}
+    for module in sorted(modules, key=lambda module: module.__name__):
+        module.start_in_background(request)
+    yield
+    for module in modules:
+        getattr(module, "stop_background", lambda: None)()
+
+
 @pytest.fixture
 def depth_config():
     return tiny_vpd_config()

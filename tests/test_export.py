@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from background import BackgroundRun
 
 pytest.importorskip("onnxruntime", reason="the `deploy` extra is not installed")
 pytest.importorskip("openvino", reason="the `deploy` extra is not installed")
@@ -81,25 +82,46 @@ def _build(task: str, folder, tokenizer_dir) -> torch.nn.Module:
     return model
 
 
+_STARTED: dict = {}
+
+
+def start_in_background(request: pytest.FixtureRequest) -> None:
+    """Called by conftest at the start of a session that will run these tests: builds and saves the tiny models, then
+    starts one `vpd-hf export` process per task at low priority. Tracing a graph is ~45 s of single-threaded Python
+    per task; started early, the exports use the core that the rest of the suite leaves idle, and the `exports`
+    fixture below only collects them."""
+    if not _STARTED:
+        root = request.getfixturevalue("tmp_path_factory").mktemp("export")
+        _STARTED.update(_start_exports(root, request.getfixturevalue("tiny_sd_dir")))
+
+
+def stop_background() -> None:
+    """Session end: ends exports that no test collected (a session stopped early)."""
+    for run in _STARTED.get("runs", {}).values():
+        run.stop()
+
+
+def _start_exports(root, tokenizer_dir) -> dict:
+    models = {task: _build(task, root / task, tokenizer_dir) for task in TASKS}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    runs = {
+        task: BackgroundRun(
+            [sys.executable, "-m", "vpd_hf.cli", "export", "--model", str(root / task), "--output", str(root / f"{task}-onnx")],
+            root / f"{task}-export.log", env=environment,
+        )
+        for task in TASKS
+    }  # fmt: skip
+    return {"root": root, "models": models, "runs": runs}
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, tiny_sd_dir):
-    """Per task: the saved PyTorch model, its folder, and its export folder (each task exported once). Tracing is
-    single-threaded Python: the other tasks are exported by `vpd-hf export` processes running beside the in-process
-    `export_model` call of the first one, which halves the fixture's time on two cores."""
-    root = tmp_path_factory.mktemp("export")
-    models = {task: _build(task, root / task, tiny_sd_dir) for task in TASKS}
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    processes = {
-        task: subprocess.Popen(
-            [sys.executable, "-m", "vpd_hf.cli", "export", "--model", str(root / task), "--output", str(root / f"{task}-onnx")],
-            env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for task in TASKS[1:]
-    }  # fmt: skip
-    export_model(root / TASKS[0], root / f"{TASKS[0]}-onnx")
-    for task, process in processes.items():
-        output, _ = process.communicate(timeout=900)
-        assert process.returncode == 0, (task, output[-3000:])
+    """Per task: the saved PyTorch model, its folder, and its export folder (each task exported once by `vpd-hf
+    export`, usually started at the beginning of the session: see `start_in_background`)."""
+    started = _STARTED or _start_exports(tmp_path_factory.mktemp("export"), tiny_sd_dir)
+    root = started["root"]
+    for run in started["runs"].values():
+        run.output()
     return {
         task: {
             "model": model,
@@ -107,7 +129,7 @@ def exports(tmp_path_factory, tiny_sd_dir):
             "export": root / f"{task}-onnx",
             "info": json.loads((root / f"{task}-onnx" / "export_info.json").read_text()),
         }
-        for task, model in models.items()
+        for task, model in started["models"].items()
     }
 
 

@@ -13,14 +13,23 @@ import pytest
 HEAVY = ("torch", "diffusers", "transformers.modeling_utils")
 
 
-def python(code: str, timeout: int = 180) -> str:
-    """Runs `code` in a fresh interpreter (offline, warnings about registration turned into errors) and returns its
-    last stdout line."""
+def start_python(code: str) -> subprocess.Popen:
+    """Starts `code` in a fresh interpreter (offline, warnings about registration turned into errors)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-W", "error:vpd_hf could not register:RuntimeWarning", "-c", textwrap.dedent(code)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.strip().splitlines()[-1]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def last_line(process: subprocess.Popen, timeout: int = 180) -> str:
+    """The last stdout line of a process started by `start_python`, which must succeed."""
+    stdout, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, stderr[-3000:]
+    return stdout.strip().splitlines()[-1]
+
+
+def python(code: str, timeout: int = 180) -> str:
+    """Runs `code` in a fresh interpreter and returns its last stdout line."""
+    return last_line(start_python(code), timeout)
 
 
 def test_import_vpd_hf_does_not_import_torch():
@@ -49,6 +58,14 @@ def test_vpd_hf_train_without_arguments_prints_its_usage_without_torch():
     assert python(code) == "status 2 heavy: []"
 
 
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_train_and_evaluate_help_answer_before_torch_is_imported(command):
+    """`vpd-hf train --help` (and scripts/train.py, which share `vpd_hf.training.commands`) took ~5.5 s of imports."""
+    code = f"import sys; from vpd_hf.cli import main\ntry:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+    code += f"print('heavy:', [name for name in {list(HEAVY)!r} if name in sys.modules])"
+    assert python(code) == "heavy: []"
+
+
 @pytest.fixture(scope="module")
 def depth_folder(tmp_path_factory):
     import vpd_hf
@@ -60,25 +77,37 @@ def depth_folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize(
-    "code",
-    [
-        "import vpd_hf\nfrom transformers import AutoModelForDepthEstimation\n"
-        "print(type(AutoModelForDepthEstimation.from_pretrained(FOLDER)).__name__)",
-        # transformers' Auto machinery imported before vpd_hf: registered at `import vpd_hf`
-        "from transformers import AutoModelForDepthEstimation\nimport vpd_hf\n"
-        "print(type(AutoModelForDepthEstimation.from_pretrained(FOLDER)).__name__)",
-        # a VPD class module imported directly (it imports transformers' modules while it runs)
-        "from vpd_hf.modeling_vpd import VPDModel\nfrom transformers import AutoModelForDepthEstimation\n"
-        "print(type(AutoModelForDepthEstimation.from_pretrained(FOLDER)).__name__)",
-        # diffusers imports transformers' Auto modules from inside its own imports
-        "import vpd_hf\nfrom diffusers import StableDiffusionPipeline\nfrom transformers import AutoModelForDepthEstimation\n"
-        "print(type(AutoModelForDepthEstimation.from_pretrained(FOLDER)).__name__)",
-    ],
-    ids=["auto-after", "auto-before", "class-module", "via-diffusers"],
-)
-def test_registration_works_in_any_import_order(depth_folder, code):
-    assert python(f"FOLDER = {str(depth_folder)!r}\n{code}") == "VPDModelForDepthEstimation"
+IMPORT_ORDERS = {
+    "auto-after": "import vpd_hf\nfrom transformers import AutoModelForDepthEstimation\n"
+    "print(type(AutoModelForDepthEstimation.from_pretrained(FOLDER)).__name__)",
+    # transformers' Auto machinery imported before vpd_hf: registered at `import vpd_hf`
+    "auto-before": "from transformers import AutoModelForDepthEstimation\nimport vpd_hf\n"
+    "print(type(AutoModelForDepthEstimation.from_pretrained(FOLDER)).__name__)",
+    # a VPD class module imported directly (it imports transformers' modules while it runs)
+    "class-module": "from vpd_hf.modeling_vpd import VPDModel\nfrom transformers import AutoModelForDepthEstimation\n"
+    "print(type(AutoModelForDepthEstimation.from_pretrained(FOLDER)).__name__)",
+    # diffusers imports transformers' Auto modules from inside its own imports
+    "via-diffusers": "import vpd_hf\nfrom diffusers import StableDiffusionPipeline\n"
+    "from transformers import AutoModelForDepthEstimation\n"
+    "print(type(AutoModelForDepthEstimation.from_pretrained(FOLDER)).__name__)",
+}
+
+
+@pytest.fixture(scope="module")
+def import_order_runs(depth_folder):
+    """Every import order's interpreter, started together: each spends seconds in single-threaded imports, so
+    running them side by side halves their time on two cores."""
+    processes = {name: start_python(f"FOLDER = {str(depth_folder)!r}\n{code}") for name, code in IMPORT_ORDERS.items()}
+    yield processes
+    for process in processes.values():  # those a failed test left running
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+@pytest.mark.parametrize("order", list(IMPORT_ORDERS))
+def test_registration_works_in_any_import_order(import_order_runs, order):
+    assert last_line(import_order_runs[order]) == "VPDModelForDepthEstimation"
 
 
 def test_registration_serves_the_pipelines_image_processors_and_auto_map(depth_folder):

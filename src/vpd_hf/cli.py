@@ -267,11 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "train":
             if not rest:
                 return train_usage()
-            from .training.trainer import main as train_main
+            from .training.commands import train_main
 
             train_main(rest, prog="vpd-hf train")
         elif command == "evaluate":
-            from .training.evaluation import main as evaluate_main
+            from .training.commands import evaluate_main
 
             evaluate_main(rest, prog="vpd-hf evaluate")
         else:

@@ -324,36 +324,12 @@ def evaluate_checkpoint(config: Any, output_file: str | None = None) -> dict[str
     return metrics
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
-    """The evaluation command line (`scripts/evaluate.py`, `vpd-hf evaluate`): prints the metrics as JSON."""
-    import json
-
-    from .config import EVALUATION_OPTIONS, build_parser, config_from_arguments
-
-    parser = build_parser(
-        EVALUATION_OPTIONS,
-        description="Evaluate a VPD checkpoint with its task's protocol (depth: shifted windows + flip, Eigen crop; "
-        "segmentation: sliding windows, optional multi-scale + flip; referring: every expression); distributed "
-        "under `accelerate launch`.",
-        epilog="Example: accelerate launch scripts/evaluate.py --task depth --model vpd-depth-nyu "
-        "--dataset data/nyu --eval_split validation --output_file vpd-depth-nyu/eval_results.json",
-        prog=prog,
-    )
-    parser.add_argument("--output_file", default=None, help="Write the metrics here as JSON.")
-    arguments = vars(parser.parse_args(argv))
-    output_file = arguments.pop("output_file")
-    metrics = evaluate_checkpoint(config_from_arguments(arguments), output_file)
-    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
-    return metrics
-
-
 __all__ = [
     "EvaluationOptions",
     "dense_predictions",
     "depth_predictions",
     "evaluate",
     "evaluate_checkpoint",
-    "main",
     "referring_predictions",
     "segmentation_predictions",
 ]
