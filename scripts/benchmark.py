@@ -142,16 +142,20 @@ def timed(fn, repeats: int, warmup: int, device: str) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "runs": repeats}
 
 
-def reset_peak_memory(device: str) -> None:
+def reset_peak_memory(device: str) -> bool:
     """CUDA: resets the allocator's peak. CPU (Linux): resets the process's peak RSS (VmHWM) to its current RSS, so
-    that the next reading is the peak of what ran since (model resident + the measured work), not of loading."""
+    that the next reading is the peak of what ran since (model resident + the measured work), not of loading.
+    Returns whether it could (not on a CPU without /proc: the reading then stays the lifetime peak)."""
     import torch
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        return
-    with contextlib.suppress(OSError):  # not Linux: the reading stays the lifetime peak
+        return True
+    try:
         Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def peak_memory_gb(device: str) -> float:

@@ -26,22 +26,6 @@ import time
 GIB = 1024**3
 
 
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return int(next(line.split()[1] for line in status if line.startswith(f"{field}:"))) * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Restarts VmHWM at the current RSS (Linux: `5` to /proc/self/clear_refs), so that the training steps' peak is
-    seen apart from building the model (which holds every weight in fp32 before a cast to bf16, say)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def predicted_bytes(weight_bytes: int, trainable: int, devices: int = 1, sharded: bool = False) -> int:
     """Weights + gradients + AdamW states (fp32) per device, before activations; `sharded`: FSDP over `devices`."""
     total = weight_bytes + 12 * trainable
@@ -73,6 +57,7 @@ def main() -> None:
     from accelerate import Accelerator
 
     import vpd_hf
+    from benchmark import peak_memory_gb, reset_peak_memory  # the harness's readings (this folder)
     from vpd_hf.backbones import SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
     from vpd_hf.testing_utils import tiny_vpd_config
     from vpd_hf.training.launch import enable_fsdp_on_cpu, use_cpu_for_distributed
@@ -103,8 +88,8 @@ def main() -> None:
     if is_fsdp(accelerator):
         broadcast_from_main(model, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
-    after_prepare = status_bytes("VmHWM")
-    peak_was_reset = reset_peak_rss()
+    after_prepare = peak_memory_gb("cpu")
+    peak_was_reset = reset_peak_memory("cpu")
 
     generator = torch.Generator().manual_seed(accelerator.process_index)
     times = []
@@ -117,7 +102,7 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    steps_peak = status_bytes("VmHWM")
+    steps_peak = peak_memory_gb("cpu")
     peaks = accelerator.gather(torch.tensor([max(steps_peak, after_prepare), steps_peak], dtype=torch.float64))
     if accelerator.is_main_process:
         processes = accelerator.num_processes
@@ -133,12 +118,12 @@ def main() -> None:
             "fsdp": is_fsdp(accelerator),
             "parameters": parameters,
             "trainable": trainable,
-            "peak_rss_gib_per_process": [round(float(p) / GIB, 2) for p in peaks.view(-1, 2)[:, 0]],
+            "peak_rss_gib_per_process": [round(float(p), 2) for p in peaks.view(-1, 2)[:, 0]],
             # the training steps alone (from the RSS they start at); null where the peak could not be reset
-            "steps_peak_rss_gib_per_process": [round(float(p) / GIB, 2) for p in peaks.view(-1, 2)[:, 1]]
+            "steps_peak_rss_gib_per_process": [round(float(p), 2) for p in peaks.view(-1, 2)[:, 1]]
             if peak_was_reset
             else None,
-            "peak_rss_before_steps_gib": round(after_prepare / GIB, 2),
+            "peak_rss_before_steps_gib": round(after_prepare, 2),
             "seconds_per_step": [round(t, 2) for t in times],
             "predicted_gib_this_run": round(
                 predicted_bytes(weight_bytes, trainable, processes, is_fsdp(accelerator)) / GIB, 2

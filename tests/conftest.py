@@ -50,7 +50,7 @@ def background_work(request):
         module.start_in_background(request)
     yield
     for module in modules:
-        getattr(module, "stop_background", lambda: None)()
+        module.stop_background()
 
 
 @pytest.fixture

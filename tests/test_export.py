@@ -90,9 +90,8 @@ def start_in_background(request: pytest.FixtureRequest) -> None:
     starts one `vpd-hf export` process per task at low priority. Tracing a graph is ~45 s of single-threaded Python
     per task; started early, the exports use the core that the rest of the suite leaves idle, and the `exports`
     fixture below only collects them."""
-    if not _STARTED:
-        root = request.getfixturevalue("tmp_path_factory").mktemp("export")
-        _STARTED.update(_start_exports(root, request.getfixturevalue("tiny_sd_dir")))
+    root = request.getfixturevalue("tmp_path_factory").mktemp("export")
+    _STARTED.update(_start_exports(root, request.getfixturevalue("tiny_sd_dir")))
 
 
 def stop_background() -> None:
@@ -115,12 +114,11 @@ def _start_exports(root, tokenizer_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, tiny_sd_dir):
+def exports():
     """Per task: the saved PyTorch model, its folder, and its export folder (each task exported once by `vpd-hf
-    export`, usually started at the beginning of the session: see `start_in_background`)."""
-    started = _STARTED or _start_exports(tmp_path_factory.mktemp("export"), tiny_sd_dir)
-    root = started["root"]
-    for run in started["runs"].values():
+    export`, started with the session: see `start_in_background`)."""
+    root = _STARTED["root"]
+    for run in _STARTED["runs"].values():
         run.output()
     return {
         task: {
@@ -129,7 +127,7 @@ def exports(tmp_path_factory, tiny_sd_dir):
             "export": root / f"{task}-onnx",
             "info": json.loads((root / f"{task}-onnx" / "export_info.json").read_text()),
         }
-        for task, model in started["models"].items()
+        for task, model in _STARTED["models"].items()
     }
 
 

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 def _run(monkeypatch, tmp_path, *arguments: str) -> dict:
     table = tmp_path / "rows.jsonl"
     monkeypatch.setenv("VPD_MEMORY_TABLE", str(table))
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as when run as a script: it imports the benchmark harness
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--tiny", "--crop", "64", *arguments])
     runpy.run_path(str(SCRIPT), run_name="__main__")
     (line,) = table.read_text().splitlines()

@@ -32,8 +32,6 @@ _STARTED: dict[str, BackgroundRun] = {}
 def start_in_background(request: pytest.FixtureRequest) -> None:
     """Called by conftest when the session starts: the scripts' runs below are seconds of single-threaded imports
     each, so they run side by side, at low priority, while the rest of the suite runs."""
-    if _STARTED:
-        return
     root = request.getfixturevalue("tmp_path_factory").mktemp("scripts")
     scripts = ROOT / "scripts"
     commands = {f"help:{script}": [str(scripts / script), "--help"] for script in HELP_SCRIPTS}
@@ -56,13 +54,6 @@ def start_in_background(request: pytest.FixtureRequest) -> None:
 def stop_background() -> None:
     for run in _STARTED.values():
         run.stop()
-
-
-def _started() -> dict[str, BackgroundRun]:
-    """The runs that conftest's `background_work` started with the session."""
-    if not _STARTED:
-        pytest.fail("start_in_background did not run: conftest.py's `background_work` fixture starts it")
-    return _STARTED
 
 
 def test_ci_runs_exactly_the_readme_test_command():
@@ -97,7 +88,7 @@ def test_import_registers_the_auto_classes():
 
 
 def test_demo_script_runs_offline():
-    run = _started()["depth_demo"]
+    run = _STARTED["depth_demo"]
     assert "random weights" in run.output()
     out = run.log.parent / "out"
     from PIL import Image
@@ -111,7 +102,7 @@ def test_demo_script_runs_offline():
 
 def test_benchmark_harness_smoke():
     """The harness runs end to end on the tiny model (timings are recorded in BENCHMARKS.md, never asserted)."""
-    run = _started()["benchmark"]
+    run = _STARTED["benchmark"]
     output = run.output()
     assert "| segmentation | fp32 |" in output and "| segmentation | lora |" in output
     report = json.loads((run.log.parent / "bench.json").read_text())
@@ -133,7 +124,7 @@ def test_scripts_explain_themselves(script):
     """`scripts/evaluate.py` shares the `evaluate` library's name and sits first on every script's import path:
     vpd_hf must still import the real library (quickstart.py's imports reach it before its `--help` is parsed;
     train.py and evaluate.py parse their arguments before importing anything heavy)."""
-    output = _started()[f"help:{script}"].output()
+    output = _STARTED[f"help:{script}"].output()
     assert "usage:" in output and "--" in output
 
 
@@ -156,7 +147,7 @@ def test_accelerate_config_files_load(name):
 
 def test_profile_paths_compares_the_fast_path_with_the_reference():
     """The profiling harness on the tiny model: both paths timed, and their op lists show the attention each uses."""
-    run = _started()["profile"]
+    run = _STARTED["profile"]
     run.output()
     report = json.loads((run.log.parent / "profile.json").read_text())
     assert report["fast_median_s"] > 0 and report["reference_median_s"] > 0
